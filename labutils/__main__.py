@@ -1,0 +1,100 @@
+"""Command line of the course: `python -m labutils run ...` executes the notebooks headless.
+
+Exit status: 0 when every notebook passed, 1 when a notebook failed or one of its claims did not hold, 2 for
+invalid arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from labutils import runner
+from labutils.data import DATASETS
+from labutils.profiles import PROFILE_ENV_VAR, PROFILES
+from labutils.training import DEVICES
+
+EXIT_USAGE_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with one subparser per command."""
+    parser = argparse.ArgumentParser(prog="python -m labutils", description="Tools for the Siamese Plateau Lab.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(subparsers)
+    return parser
+
+
+def _add_run_parser(subparsers: Any) -> None:
+    default_profile = os.environ.get(PROFILE_ENV_VAR) or "full"
+    run = subparsers.add_parser(
+        "run", help="execute the course notebooks and write a report",
+        description="Execute the course notebooks with papermill, one kernel each, and write the executed "
+                    "notebooks, results.json, report.md and report.html into a new run folder.")
+    run.add_argument("--profile", choices=list(PROFILES), default=default_profile,
+                     help=f"work size of each notebook: smoke runs in seconds and enforces no claims, quick and "
+                          f"full enforce them (default: ${PROFILE_ENV_VAR} if set, otherwise full, "
+                          f"which gives {default_profile} here)")
+    run.add_argument("--dataset", choices=list(DATASETS), default="digits",
+                     help="data set the notebooks load (default: digits, the only one that needs no download)")
+    run.add_argument("--device", choices=list(DEVICES), default="auto",
+                     help="device the notebooks train on, where auto picks cuda, then mps, then cpu (default: auto)")
+    run.add_argument("--seed", type=int, default=0, help="random seed passed to every notebook as SEED (default: 0)")
+    run.add_argument("--notebooks", nargs="+", metavar="NN",
+                     help="number prefixes of the notebooks to run, for example 00 02 (default: all)")
+    run.add_argument("--out", type=Path, metavar="DIR",
+                     help="new or empty folder for this run (default: runs/<YYYYmmdd-HHMMSS> in the repository)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="maximum execution time of each notebook in seconds, kernel start-up not included "
+                          "(default: no limit)")
+    run.add_argument("--notebooks-dir", type=Path, default=runner.NOTEBOOKS_DIR, metavar="DIR",
+                     help=f"folder holding the NN_name.ipynb notebooks (default: {runner.NOTEBOOKS_DIR})")
+    run.set_defaults(handler=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        results = runner.run_course(profile=args.profile, dataset=args.dataset, device=args.device, seed=args.seed,
+                                    notebooks=args.notebooks, out=args.out, timeout=args.timeout,
+                                    notebooks_dir=args.notebooks_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    _print_summary(results)
+    return 0 if results["status"] == "passed" else 1
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+    out_dir = Path(results["out_dir"])
+    print()
+    print(f"Executed notebooks: {out_dir / 'notebooks'}")
+    print(f"Results: {out_dir / 'results.json'}")
+    print(f"Report: {out_dir / 'report.md'} and {out_dir / 'report.html'}")
+    width = max(len(entry["notebook"]) for entry in results["notebooks"])
+    for entry in results["notebooks"]:
+        claims_held = sum(1 for claim in entry["claims"] if claim["holds"])
+        line = f"{entry['notebook']:<{width}}  {entry['status']:<12}  {entry['seconds']:7.1f} s  " \
+               f"claims {claims_held}/{len(entry['claims'])}"
+        if entry["error"]:
+            line += "  " + entry["error"].splitlines()[0]
+        print(line)
+    failed = sum(1 for entry in results["notebooks"] if entry["status"] != "passed")
+    total = len(results["notebooks"])
+    print(f"Run {results['status']}: {total - failed} of {total} notebooks passed in {results['seconds']:.1f} s.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the command and return its exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # papermill logs every input and output path at INFO, which buries the runner's progress lines.
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
