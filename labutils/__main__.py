@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from labutils import runner
+from labutils import data, runner
 from labutils.data import DATASETS
 from labutils.profiles import PROFILE_ENV_VAR, PROFILES
 from labutils.training import DEVICES
@@ -26,7 +26,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m labutils", description="Tools for the Siamese Plateau Lab.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(subparsers)
+    _add_data_parser(subparsers)
     return parser
+
+
+def _add_data_parser(subparsers: Any) -> None:
+    data_parser = subparsers.add_parser("data", help="download data sets into the cache or list what is cached",
+                                        description="Download data sets through torchvision into the data folder "
+                                                    "(data/ in the repository, or $LABUTILS_DATA_DIR), or list "
+                                                    "what is there.")
+    actions = data_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch = actions.add_parser("fetch", help="download data sets (needs network access)")
+    fetch.add_argument("names", nargs="+", choices=[name for name in DATASETS if name != "digits"],
+                       metavar="NAME", help=f"data sets to download: {', '.join(DATASETS[1:])}")
+    fetch.set_defaults(handler=_data_fetch_command)
+    listing = actions.add_parser("list", help="show which data sets load from the cache and their sizes")
+    listing.set_defaults(handler=_data_list_command)
+
+
+def _data_fetch_command(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.names:
+        try:
+            images, _ = data.load_dataset(name, download=True)
+        except data.DatasetUnavailableError as error:
+            print(f"error: {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{name}: {len(images)} images ready in {data.resolve_data_dir()}")
+    return status
+
+
+def _data_list_command(args: argparse.Namespace) -> int:
+    folder = data.resolve_data_dir()
+    print(f"Data folder: {folder}")
+    for name in DATASETS:
+        try:
+            images, labels = data.load_dataset(name)
+        except data.DatasetUnavailableError:
+            print(f"{name:14s} not downloaded")
+            continue
+        size_mb = images.numel() * images.element_size() / 1e6
+        print(f"{name:14s} {len(images):6d} images, {len(labels.unique()):5d} classes, {size_mb:.0f} MB in memory")
+    return 0
 
 
 def _add_run_parser(subparsers: Any) -> None:

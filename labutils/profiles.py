@@ -34,7 +34,7 @@ PROFILES: dict[str, Profile] = {
                      max_images_per_class=40, claims=False),
     "quick": Profile("quick", epochs=6, pairs_per_epoch=2048, eval_pairs=1000, num_seeds=2,
                      max_images_per_class=None, claims=True),
-    "full": Profile("full", epochs=15, pairs_per_epoch=4096, eval_pairs=2000, num_seeds=3,
+    "full": Profile("full", epochs=10, pairs_per_epoch=3072, eval_pairs=2000, num_seeds=3,
                     max_images_per_class=None, claims=True),
 }
 
