@@ -60,10 +60,14 @@ class Recorder:
             raise ValueError(f"The results folder {str(self.results_dir)!r} is not writable: "
                              "set RESULTS_DIR in the parameters cell to a folder you can write to.")
 
-    def metric(self, name: str, value: float, claim: str = "") -> float:
-        """Record a headline metric, optionally with the sentence it supports, and return the value."""
+    def metric(self, name: str, value: float, claim: str = "", timing: bool = False) -> float:
+        """Record a headline metric, optionally with the sentence it supports, and return the value.
+
+        Mark wall-clock measurements with `timing=True`: they vary between runs, so comparisons of two runs
+        (determinism checks, regression runs) treat them apart from the metrics that must repeat exactly.
+        """
         value = _as_number(name, value)
-        self._replace("metrics", {"name": name, "value": value, "claim": claim})
+        self._replace("metrics", {"name": name, "value": value, "claim": claim, "timing": timing})
         return value
 
     def check(self, name: str, value: float, op: str, threshold: float, claim: str) -> bool:

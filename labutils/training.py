@@ -143,6 +143,10 @@ def fit(model: nn.Module, data: CourseData, config: TrainConfig, device: str | t
         row.update(evaluate(model, images, eval_sets, config))
         row["seconds"] = time.perf_counter() - started
         history.append(row)
+        if failure is None and math.isnan(row["val_unseen_auc"]):
+            failure = (f"Training stopped after epoch {epoch}: the embeddings became NaN or infinite. The learning "
+                       f"rate (lr={config.lr}) is probably too high for this setup; try a value 3 to 10 times "
+                       "smaller.")
         if failure:
             history.stopped = failure
             warnings.warn(failure, RuntimeWarning, stacklevel=2)
@@ -198,11 +202,15 @@ def evaluate(model: nn.Module, images: dict[str, torch.Tensor], eval_sets: dict[
     The accuracy threshold is chosen on the training pairs and then applied unchanged to each split.
     """
     embeddings = {split: embed(model, images[split]) for split in EVAL_SPLITS}
-    distances = {split: eval_sets[split].pair_distances(embeddings[split]) for split in EVAL_SPLITS}
-    threshold = choose_threshold(distances["train"].cpu(), eval_sets["train"].same)
+    distances = {split: eval_sets[split].pair_distances(embeddings[split]).cpu() for split in EVAL_SPLITS}
+    if not all(torch.isfinite(d).all() for d in distances.values()):
+        # Diverged weights give NaN or infinite embeddings; record NaN so the history shows where it happened.
+        return {"threshold": math.nan, **{f"{split}_{metric}": math.nan for split in EVAL_SPLITS
+                                          for metric in ("loss", "auc", "acc", "pos_dist", "neg_dist")}}
+    threshold = choose_threshold(distances["train"], eval_sets["train"].same)
     row: dict[str, float] = {"threshold": threshold}
     for split in EVAL_SPLITS:
-        d, same = distances[split].cpu(), eval_sets[split].same
+        d, same = distances[split], eval_sets[split].same
         row[f"{split}_loss"] = eval_sets[split].loss(embeddings[split], d, config)
         row[f"{split}_auc"] = roc_auc(d, same)
         row[f"{split}_acc"] = accuracy_at_threshold(d, same, threshold)

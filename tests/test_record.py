@@ -9,7 +9,8 @@ def test_metric_saved(tmp_path):
     recorder = Recorder("00_demo", tmp_path)
     recorder.metric("auc", 0.91, claim="the encoder separates digits")
     saved = load_results(tmp_path / "00_demo.json")
-    assert saved["metrics"] == [{"name": "auc", "value": 0.91, "claim": "the encoder separates digits"}]
+    assert saved["metrics"] == [{"name": "auc", "value": 0.91, "claim": "the encoder separates digits",
+                                 "timing": False}]
 
 
 def test_passing_claim_recorded(tmp_path):

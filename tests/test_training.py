@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from labutils.data import make_course_data
+from labutils.models import make_encoder
+from labutils.training import TrainConfig, fit, pick_device, seed_everything
+
+
+@pytest.fixture(scope="module")
+def course():
+    return make_course_data("digits", seed=0, max_images_per_class=30)
+
+
+def small_fit(course, **settings):
+    torch.manual_seed(0)
+    config = TrainConfig(**{"epochs": 2, "pairs_per_epoch": 128, "batch_size": 64, "eval_pairs": 64, **settings})
+    return fit(make_encoder("small"), course, config, progress=False)
+
+
+def test_history_has_every_column(course):
+    history = small_fit(course)
+    expected = {"epoch", "train_loss", "lr", "threshold", "seconds"} | {
+        f"{split}_{metric}" for split in ("train", "val_seen", "val_unseen")
+        for metric in ("loss", "auc", "acc", "pos_dist", "neg_dist")}
+    assert set(history.rows[0]) == expected
+    assert history["epoch"] == [1, 2]
+
+
+def test_contrastive_training_lowers_loss(course):
+    history = small_fit(course, epochs=4)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+
+
+def test_triplet_training_runs(course):
+    history = small_fit(course, loss="triplet", margin=0.5)
+    assert all(math.isfinite(value) for value in history["val_unseen_loss"])
+
+
+def test_same_seed_same_history(course):
+    first, second = small_fit(course), small_fit(course)
+    drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in first.rows]
+    assert drop_time == [{k: v for k, v in row.items() if k != "seconds"} for row in second.rows]
+
+
+def test_divergence_stops_and_is_recorded(course):
+    with pytest.warns(RuntimeWarning, match="epoch 1, step"):
+        history = small_fit(course, lr=1e12, optimizer="sgd", epochs=3)
+    assert "lr=1000000000000.0" in history.stopped
+    assert len(history) == 1
+
+
+def test_scheduler_is_stepped(course):
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=3, pairs_per_epoch=64, batch_size=64, eval_pairs=64)
+    history = fit(make_encoder("small"), course, config, progress=False,
+                  scheduler_fn=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1))
+    assert history["lr"] == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"margin": 0.0}, "margin must be positive"),
+    ({"loss": "hinge"}, "contrastive, triplet"),
+    ({"optimizer": "rmsprop"}, "adam, adamw, sgd"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+])
+def test_config_rejects(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_batch_larger_than_epoch(course):
+    with pytest.raises(ValueError, match="batch_size=256 is larger than pairs_per_epoch=128"):
+        small_fit(course, batch_size=256)
+
+
+def test_auto_device_without_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+def test_missing_cuda_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_seed_everything_repeats():
+    first = torch.rand(3, generator=seed_everything(5))
+    assert torch.equal(first, torch.rand(3, generator=seed_everything(5)))
