@@ -1,7 +1,7 @@
 """One evaluation of a trained encoder on every split, used for the tables that compare runs (notebook 02 on).
 
-`fit` tracks a few metrics per epoch; this module computes the full set once, at the end, on fixed pairs that do
-not depend on the training seed, so runs with different seeds are scored on the same pairs.
+`fit` tracks a few metrics per epoch. This module computes the full set once, at the end, on fixed pairs drawn
+from their own seed, so runs with different training seeds are scored on the same pairs.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ RESULTS_ENV_VAR = "LABUTILS_RESULTS_DIR"
 
 @dataclass
 class Lab:
-    """What a notebook needs after set-up: its profile, device, seed, data set name and recorder."""
+    """The state a notebook keeps after set-up: profile, device, seed, data set name and recorder."""
 
     notebook: str
     profile: Profile
