@@ -60,14 +60,20 @@ class Recorder:
             raise ValueError(f"The results folder {str(self.results_dir)!r} is not writable: "
                              "set RESULTS_DIR in the parameters cell to a folder you can write to.")
 
-    def metric(self, name: str, value: float, claim: str = "", timing: bool = False) -> float:
+    def metric(self, name: str, value: float, claim: str = "", timing: bool = False,
+               spread: float | None = None) -> float:
         """Record a headline metric, optionally with the sentence it supports, and return the value.
 
         Mark wall-clock measurements with `timing=True`: they vary between runs, so comparisons of two runs
-        (determinism checks, regression runs) treat them apart from the metrics that must repeat exactly.
+        (determinism checks, regression runs) treat them apart from the metrics that must repeat exactly. For a
+        mean over seeds, pass the standard deviation across seeds as `spread`, so a later run can tell a real
+        change from seed noise.
         """
         value = _as_number(name, value)
-        self._replace("metrics", {"name": name, "value": value, "claim": claim, "timing": timing})
+        entry = {"name": name, "value": value, "claim": claim, "timing": timing}
+        if spread is not None:
+            entry["spread"] = _as_number(f"{name} spread", spread)
+        self._replace("metrics", entry)
         return value
 
     def check(self, name: str, value: float, op: str, threshold: float, claim: str) -> bool:

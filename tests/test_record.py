@@ -73,3 +73,9 @@ def test_figure_listed(tmp_path):
     path = recorder.figure(fig, "curve")
     assert path.exists()
     assert json.loads(recorder.path.read_text())["figures"] == ["figures/00_demo_curve.png"]
+
+
+def test_metric_spread_saved(tmp_path):
+    recorder = Recorder("00_demo", tmp_path)
+    recorder.metric("auc", 0.8, spread=0.02)
+    assert load_results(recorder.path)["metrics"][0]["spread"] == 0.02
