@@ -1,4 +1,5 @@
-"""Command line of the course: `python -m labutils run ...` executes the notebooks headless.
+"""Command line of the course: `python -m labutils run ...` executes the notebooks headless, `data` manages the
+data sets and `exercises` writes the student copies of the notebooks.
 
 Exit status: 0 when every notebook passed, 1 when a notebook failed or one of its claims did not hold, 2 for
 invalid arguments.
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from labutils import data, runner
+from labutils import data, exercises, runner
 from labutils.data import DATASETS
 from labutils.profiles import PROFILE_ENV_VAR, PROFILES
 from labutils.training import DEVICES
@@ -27,7 +28,37 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(subparsers)
     _add_data_parser(subparsers)
+    _add_exercises_parser(subparsers)
     return parser
+
+
+def _add_exercises_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "exercises", help="write student copies of the notebooks, with the solutions replaced by exercises",
+        description="Write a student copy of every course notebook into a folder. Each solution cell becomes a "
+                    "stub that raises NotImplementedError with the exercise's hint, and the cells that need its "
+                    "results skip with a note until the learner has written them. A file that already exists in "
+                    "the folder is never overwritten, because it may hold a learner's work: only missing copies "
+                    "are written.")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="folder for the student notebooks, created if missing")
+    parser.add_argument("--notebooks-dir", type=Path, default=runner.NOTEBOOKS_DIR, metavar="DIR",
+                        help=f"folder holding the NN_name.ipynb notebooks (default: {runner.NOTEBOOKS_DIR})")
+    parser.set_defaults(handler=_exercises_command)
+
+
+def _exercises_command(args: argparse.Namespace) -> int:
+    try:
+        report = exercises.build_student_notebooks(args.out, args.notebooks_dir)
+    except (ValueError, SyntaxError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    for path in report.written:
+        print(f"wrote {path}")
+    for path in report.kept:
+        print(f"kept {path}: the file exists and is never overwritten; delete or rename it to get a fresh copy")
+    print(f"{len(report.written)} student notebooks written, {len(report.kept)} existing ones kept, in {args.out}")
+    return 0
 
 
 def _add_data_parser(subparsers: Any) -> None:
