@@ -8,6 +8,9 @@ SEED ?= 0
 # Extra pip arguments, for example a CPU-only PyTorch index on Linux:
 #   make course PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_ARGS ?=
+# On Apple MPS, run the operators that MPS lacks on the CPU instead of raising NotImplementedError. PyTorch reads
+# this variable when it is imported, so it must be in the environment before JupyterLab or a kernel starts.
+export PYTORCH_ENABLE_MPS_FALLBACK ?= 1
 
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from labutils import data, exercises, runner
+from labutils import data, exercises, runner, session
 from labutils.data import DATASETS
 from labutils.profiles import PROFILE_ENV_VAR, PROFILES
 from labutils.training import DEVICES
@@ -130,6 +130,8 @@ def _add_run_parser(subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    # Kernels inherit this process's environment, and PyTorch reads the variable when a kernel imports it.
+    os.environ.setdefault(session.MPS_FALLBACK_ENV_VAR, "1")
     try:
         results = runner.run_course(profile=args.profile, dataset=args.dataset, device=args.device, seed=args.seed,
                                     notebooks=args.notebooks, out=args.out, timeout=args.timeout,

@@ -15,6 +15,10 @@ from labutils.record import Recorder
 from labutils.training import describe_device, pick_device, seed_everything
 
 RESULTS_ENV_VAR = "LABUTILS_RESULTS_DIR"
+MPS_FALLBACK_ENV_VAR = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+# True once `prepare_mps_fallback` has set the variable itself, too late for the PyTorch already imported here.
+_fallback_set_here = False
 
 
 @dataclass
@@ -49,7 +53,37 @@ def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
     results_dir = os.environ.get(RESULTS_ENV_VAR) or results_dir
     recorder = Recorder(notebook, Path(results_dir), enforce_claims=chosen.claims, context=context)
     print(f"Profile {chosen.name}, dataset {dataset}, seed {seed}")
-    print(f"Device: {describe_device(device)}")
+    device_line = describe_device(device)
+    if torch_device.type == "mps":
+        device_line += f"; {prepare_mps_fallback()}"
+    print(f"Device: {device_line}")
     print(f"PyTorch {torch.__version__}, Python {platform.python_version()}, {torch.get_num_threads()} CPU threads")
     print(f"Results: {recorder.path}")
     return Lab(notebook, chosen, dataset, torch_device, seed, recorder, generator)
+
+
+def prepare_mps_fallback() -> str:
+    """Set $PYTORCH_ENABLE_MPS_FALLBACK to 1 when it is unset, and describe whether this process uses the fallback.
+
+    With the fallback, operators that Apple MPS does not implement run on the CPU instead of raising
+    NotImplementedError. PyTorch reads the variable once, when `import torch` registers its MPS kernels
+    (aten/src/ATen/mps/MPSFallback.mm in PyTorch 2.x), so setting it here only reaches processes started
+    later. `make lab`, `make course` and `python -m labutils run` set it before any kernel starts.
+    """
+    global _fallback_set_here
+    value = os.environ.get(MPS_FALLBACK_ENV_VAR)
+    if value is None:
+        os.environ[MPS_FALLBACK_ENV_VAR] = "1"
+        _fallback_set_here = True
+    if value is None or _fallback_set_here:
+        return (f"CPU fallback for operators MPS lacks is off in this kernel, because PyTorch reads "
+                f"{MPS_FALLBACK_ENV_VAR} at import and it was unset then. Start JupyterLab with `make lab`, or "
+                f"export {MPS_FALLBACK_ENV_VAR}=1 before starting it, to turn the fallback on.")
+    try:
+        enabled = int(value) != 0
+    except ValueError:
+        return (f"{MPS_FALLBACK_ENV_VAR}={value!r} is not a number, which PyTorch does not accept: set it to 1 "
+                "to run operators MPS lacks on the CPU.")
+    if enabled:
+        return f"operators MPS lacks run on the CPU ({MPS_FALLBACK_ENV_VAR}={value})"
+    return f"operators MPS lacks raise NotImplementedError ({MPS_FALLBACK_ENV_VAR}={value})"

@@ -1,4 +1,7 @@
+import os
+
 import pytest
+import torch
 
 from labutils import session
 from labutils.profiles import PROFILE_ENV_VAR
@@ -39,3 +42,56 @@ def test_env_overrides_profile_and_results(tmp_path, monkeypatch):
 def test_start_rejects(arguments, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         session.start(*arguments, tmp_path)
+
+
+@pytest.fixture
+def fallback_unset():
+    """Unset $PYTORCH_ENABLE_MPS_FALLBACK for one test and restore it afterwards, since session.start sets it."""
+    saved = os.environ.pop(session.MPS_FALLBACK_ENV_VAR, None)
+    yield
+    os.environ.pop(session.MPS_FALLBACK_ENV_VAR, None)
+    if saved is not None:
+        os.environ[session.MPS_FALLBACK_ENV_VAR] = saved
+
+
+@pytest.fixture
+def on_mps(monkeypatch, fallback_unset):
+    """Make session.start resolve every device to Apple MPS, as on a Mac without CUDA."""
+    monkeypatch.setattr(session, "pick_device", lambda name: torch.device("mps"))
+    monkeypatch.setattr(session, "describe_device", lambda name: "mps (auto: no CUDA, Apple MPS is available)")
+    monkeypatch.setattr(session, "_fallback_set_here", False)
+
+
+def test_mps_sets_fallback_when_unset(on_mps, tmp_path):
+    session.start("00_demo", "quick", "digits", "auto", 0, tmp_path)
+    assert os.environ[session.MPS_FALLBACK_ENV_VAR] == "1"
+
+
+def test_mps_unset_fallback_reported_off(on_mps, tmp_path, capsys):
+    session.start("00_demo", "quick", "digits", "auto", 0, tmp_path)
+    session.start("00_demo", "quick", "digits", "auto", 0, tmp_path)  # a rerun of the cell
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Device:")]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith("Device: mps (auto: no CUDA, Apple MPS is available); CPU fallback")
+        assert "is off in this kernel" in line
+        assert "make lab" in line
+
+
+def test_mps_fallback_preset_reported_on(on_mps, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(session.MPS_FALLBACK_ENV_VAR, "1")
+    session.start("00_demo", "quick", "digits", "mps", 0, tmp_path)
+    assert "operators MPS lacks run on the CPU (PYTORCH_ENABLE_MPS_FALLBACK=1)" in capsys.readouterr().out
+
+
+def test_mps_fallback_zero_kept(on_mps, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(session.MPS_FALLBACK_ENV_VAR, "0")
+    session.start("00_demo", "quick", "digits", "mps", 0, tmp_path)
+    assert os.environ[session.MPS_FALLBACK_ENV_VAR] == "0"
+    assert "operators MPS lacks raise NotImplementedError" in capsys.readouterr().out
+
+
+def test_cpu_leaves_fallback_unset(fallback_unset, tmp_path, capsys):
+    session.start("00_demo", "quick", "digits", "cpu", 0, tmp_path)
+    assert session.MPS_FALLBACK_ENV_VAR not in os.environ
+    assert "operators MPS lacks" not in capsys.readouterr().out
