@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from labutils import data, exercises, runner, session
+from labutils import data, exercises, manifest, runner, session
 from labutils.data import DATASETS
 from labutils.profiles import PROFILE_ENV_VAR, PROFILES
 from labutils.training import DEVICES
@@ -64,8 +64,8 @@ def _exercises_command(args: argparse.Namespace) -> int:
 def _add_data_parser(subparsers: Any) -> None:
     data_parser = subparsers.add_parser("data", help="download data sets into the cache or list what is cached",
                                         description="Download data sets through torchvision into the data folder "
-                                                    "(data/ in the repository, or $LABUTILS_DATA_DIR), or list "
-                                                    "what is there.")
+                                                    "(data/ in the repository, or $LABUTILS_DATA_DIR), list "
+                                                    "what is there, or check copied files against the manifest.")
     actions = data_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     fetch = actions.add_parser("fetch", help="download data sets (needs network access)")
     fetch.add_argument("names", nargs="+", choices=[name for name in DATASETS if name != "digits"],
@@ -73,6 +73,16 @@ def _add_data_parser(subparsers: Any) -> None:
     fetch.set_defaults(handler=_data_fetch_command)
     listing = actions.add_parser("list", help="show which data sets load from the cache and their sizes")
     listing.set_defaults(handler=_data_list_command)
+    verify = actions.add_parser(
+        "verify", help="check the cached files against the manifest that fetch writes",
+        description=f"Compare every file of the cached data sets with {manifest.MANIFEST_NAME}, which `data fetch` "
+                    "writes, and report each missing, truncated or corrupted file with its fix. Exit status: 0 "
+                    "when every file matches, 1 otherwise.")
+    # No `choices` here: argparse rejects an empty list for nargs="*" with choices, so the handler checks names.
+    verify.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"data sets to check, among {', '.join(DATASETS[1:])} (default: every recorded or "
+                             "downloaded one)")
+    verify.set_defaults(handler=_data_verify_command)
 
 
 def _data_fetch_command(args: argparse.Namespace) -> int:
@@ -85,6 +95,13 @@ def _data_fetch_command(args: argparse.Namespace) -> int:
             status = 1
             continue
         print(f"{name}: {len(images)} images ready in {data.resolve_data_dir()}")
+        try:
+            path = manifest.record([name])
+        except (ValueError, OSError) as error:
+            print(f"error: {name} was not recorded in the manifest: {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{name}: {len(manifest.dataset_files(name))} files recorded in {path}")
     return status
 
 
@@ -92,13 +109,54 @@ def _data_list_command(args: argparse.Namespace) -> int:
     folder = data.resolve_data_dir()
     print(f"Data folder: {folder}")
     for name in DATASETS:
+        on_disk = "ships with scikit-learn" if name == "digits" else \
+            f"{manifest.format_bytes(manifest.disk_bytes(name))} on disk"
         try:
             images, labels = data.load_dataset(name)
+        except data.CorruptDataError as error:
+            print(f"{name:14s} damaged, {on_disk}: {error}")
+            continue
         except data.DatasetUnavailableError:
-            print(f"{name:14s} not downloaded")
+            partial = f" ({on_disk}, incomplete)" if manifest.disk_bytes(name) else ""
+            print(f"{name:14s} not downloaded{partial}")
             continue
         size_mb = images.numel() * images.element_size() / 1e6
-        print(f"{name:14s} {len(images):6d} images, {len(labels.unique()):5d} classes, {size_mb:.0f} MB in memory")
+        print(f"{name:14s} {len(images):6d} images, {len(labels.unique()):5d} classes, {size_mb:.0f} MB in memory, "
+              f"{on_disk}")
+    return 0
+
+
+def _data_verify_command(args: argparse.Namespace) -> int:
+    unknown = [name for name in args.names if name not in DATASETS[1:]]
+    if unknown:
+        print(f"error: unknown data set {', '.join(unknown)}: use {', '.join(DATASETS[1:])}.", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    print(f"Data folder: {data.resolve_data_dir()}")
+    if not manifest.manifest_path().is_file():
+        print(f"error: no {manifest.MANIFEST_NAME} in the data folder, so there is nothing to check against: run "
+              "`python -m labutils data fetch NAME...` on the machine that has the data sets, then copy the whole "
+              "data folder, manifest included.", file=sys.stderr)
+        return 1
+    try:
+        problems = manifest.verify(names=args.names or None)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    recorded = manifest.load_manifest()["datasets"]
+    for name in args.names or [name for name in DATASETS if name in recorded]:
+        if name not in recorded:
+            continue
+        files = recorded[name]["files"]
+        broken = sum(problem.dataset == name for problem in problems)
+        total = manifest.format_bytes(sum(entry["size"] for entry in files))
+        verdict = "all match the manifest" if not broken else f"{broken} do not match the manifest"
+        print(f"{name:14s} {len(files)} files, {total}: {verdict}")
+    for problem in problems:
+        print(f"  {problem.describe()}")
+    if problems:
+        print(f"{len(problems)} {'problem' if len(problems) == 1 else 'problems'} found.")
+        return 1
+    print("Every recorded file matches the manifest.")
     return 0
 
 

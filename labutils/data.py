@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,9 @@ OMNIGLOT_FOLDERS = ("images_background", "images_evaluation")
 
 # torchvision class that reads each IDX dataset from <root>/<class name>/raw.
 IDX_DATASET_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+# Bytes per value for each IDX type code (the third byte of the magic number).
+IDX_ITEM_SIZES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+VERIFY_HINT = "`python -m labutils data verify` checks every file against the data folder's manifest."
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,6 +47,14 @@ _cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
 class DatasetUnavailableError(RuntimeError):
     """A dataset is not in the data folder and could not be downloaded, or its files could not be read."""
+
+
+class CorruptDataError(DatasetUnavailableError):
+    """A data file is present but truncated or corrupted, so it cannot be decoded. `path` names the file."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,7 +122,9 @@ def load_dataset(name: str = "digits", root: PathLike | None = None,
     <root>/<MNIST|FashionMNIST|KMNIST>/raw, divided by 255. omniglot: background then evaluation characters,
     inverted so strokes are bright, resized with antialiasing to 28x28; see `load_image_folder`.
     `root` defaults to `resolve_data_dir()`, and `download=True` lets torchvision fetch missing files.
-    Decoded datasets are kept in memory per (name, root), and each call returns fresh copies.
+    Decoded datasets are kept in memory per (name, root), and each call returns fresh copies. Raises
+    DatasetUnavailableError for missing files, and its subclass CorruptDataError, naming the file, for an IDX
+    file whose size does not match its header or a PNG that cannot be decoded.
     """
     key = _normalise_name(name)
     folder = resolve_data_dir(root)
@@ -132,7 +148,8 @@ def load_image_folder(paths: PathLike | Sequence[PathLike]) -> tuple[Tensor, Ten
     Returns images (N, 1, 28, 28) float32, inverted so strokes are bright, resized with antialiasing and
     standardised, and labels (N,) int64. Classes are (alphabet, character) pairs, numbered root by root in
     sorted order. A pair found under several roots keeps the label it got first, and a file name already
-    loaded for that pair is skipped. Folders whose names start with a dot are ignored.
+    loaded for that pair is skipped. Folders whose names start with a dot are ignored. A PNG that cannot be
+    decoded raises CorruptDataError naming the file.
     """
     roots = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     for root in roots:
@@ -232,6 +249,13 @@ def _unavailable(name: str, folder: Path, reason: str) -> DatasetUnavailableErro
         'DATASET = "digits" works offline because scikit-learn ships it.')
 
 
+def _damaged(name: str, folder: Path, error: CorruptDataError) -> CorruptDataError:
+    return CorruptDataError(
+        f"Dataset {name!r} in {folder} has a damaged file: {error}. Delete that file and run "
+        f"`python -m labutils data fetch {name}` while online, or copy it again from the machine the data folder "
+        f"came from. {VERIFY_HINT}", error.path)
+
+
 def _standardise(images: Tensor, source: str) -> Tensor:
     std, mean = torch.std_mean(images, correction=0)
     if std == 0:
@@ -257,6 +281,12 @@ def _load_idx_dataset(name: str, folder: Path, download: bool) -> tuple[Tensor, 
     missing = [f for f in file_names if not (raw_folder / f).is_file()]
     if missing and not download:
         raise _unavailable(name, folder, f"{', '.join(missing)} missing in {raw_folder}")
+    if not missing:
+        for file_name in file_names:
+            try:
+                check_idx_file(raw_folder / file_name)
+            except CorruptDataError as error:
+                raise _damaged(name, folder, error) from None
     try:
         dataset = dataset_class(str(folder), train=True, download=download)
     except (RuntimeError, OSError) as error:
@@ -279,13 +309,71 @@ def _load_omniglot(folder: Path, download: bool) -> tuple[Tensor, Tensor]:
     if missing and not download:
         noun = "folders" if len(missing) > 1 else "folder"
         raise _unavailable("omniglot", folder, f"{noun} {' and '.join(missing)} not found")
-    if missing:
+    if missing and download:
+        _extract_omniglot_archives(folder, roots)
+    if any(not root.is_dir() for root in roots):
         for background in (True, False):
             try:
                 tv_datasets.Omniglot(str(folder), background=background, download=True)
             except (RuntimeError, OSError) as error:
                 raise _unavailable("omniglot", folder, f"the download failed ({error})") from error
-    return _read_drawings(roots)
+    try:
+        return _read_drawings(roots)
+    except CorruptDataError as error:
+        damaged_set = next((root for root in roots if error.path and root in error.path.parents), None)
+        if damaged_set is None:
+            raise _damaged("omniglot", folder, error) from None
+        raise CorruptDataError(
+            f"Dataset 'omniglot' in {folder} has a damaged file: {error}. Delete the folder {damaged_set} and run "
+            f"`python -m labutils data fetch omniglot`, which extracts it again from {damaged_set.name}.zip when "
+            f"that archive is there, or downloads it while online. Or copy the folder again from the machine the "
+            f"data folder came from. {VERIFY_HINT}", error.path) from None
+
+
+def _extract_omniglot_archives(folder: Path, roots: list[Path]) -> None:
+    """Extract each missing Omniglot folder from the zip archive beside it, which needs no network."""
+    for root in roots:
+        archive = root.with_name(root.name + ".zip")
+        if root.is_dir() or not archive.is_file():
+            continue
+        try:
+            with zipfile.ZipFile(archive) as contents:
+                contents.extractall(root.parent)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise CorruptDataError(f"Dataset 'omniglot' in {folder}: the archive {archive} could not be extracted "
+                                   f"({error}). Delete it and run `python -m labutils data fetch omniglot` while "
+                                   "online.", archive) from error
+        logger.info("Extracted %s from %s", root, archive)
+
+
+def check_idx_file(path: Path) -> None:
+    """Raise CorruptDataError unless `path` is an uncompressed IDX file whose size matches its header.
+
+    An IDX file starts with two zero bytes, a type code, the number of dimensions n and n big-endian uint32
+    sizes, followed by the values. A name such as train-images-idx3-ubyte also fixes n, here 3.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_ITEM_SIZES:
+            raise CorruptDataError(f"{path} is not an uncompressed IDX file (it starts with {magic!r}), so it is "
+                                   "corrupted or still gzip-compressed", path)
+        dimensions = magic[3]
+        named = re.search(r"idx(\d)", path.name)
+        if named and int(named.group(1)) != dimensions:
+            raise CorruptDataError(f"{path} has {dimensions} dimensions where its name promises {named.group(1)}, "
+                                   "so it is corrupted or a different file under this name", path)
+        header = handle.read(4 * dimensions)
+    if len(header) < 4 * dimensions:
+        raise CorruptDataError(f"{path} is truncated: {size} bytes, shorter than its own header", path)
+    shape = struct.unpack(f">{dimensions}I", header)
+    expected = 4 + 4 * dimensions + int(np.prod(shape, dtype=np.int64)) * IDX_ITEM_SIZES[magic[2]]
+    if size < expected:
+        raise CorruptDataError(f"{path} is truncated: {size:,} of the {expected:,} bytes its header "
+                               f"{'x'.join(map(str, shape))} implies", path)
+    if size > expected:
+        raise CorruptDataError(f"{path} has {size - expected:,} bytes more than its header "
+                               f"{'x'.join(map(str, shape))} implies, so it is corrupted", path)
 
 
 def _read_drawings(roots: list[Path]) -> tuple[Tensor, Tensor]:
@@ -327,8 +415,12 @@ def _sorted_pngs(folder: Path) -> list[Path]:
 
 def _read_drawing(path: Path) -> Tensor:
     """Decode one PNG into (1, 28, 28): 1 - gray / 255, so the dark strokes of Omniglot become bright."""
-    with Image.open(path) as image:
-        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow raises SyntaxError for a broken PNG chunk
+        raise CorruptDataError(f"{path} could not be decoded as a PNG ({error}), so it is truncated or "
+                               "corrupted", path) from error
     inverted = 1.0 - torch.from_numpy(gray)
     resized = F.interpolate(inverted[None, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
                             align_corners=False, antialias=True)

@@ -1,3 +1,5 @@
+import gzip
+import shutil
 import struct
 from urllib.error import URLError
 
@@ -447,3 +449,82 @@ def test_max_images_per_class_too_small():
 def test_split_by_image_needs_generator():
     with pytest.raises(TypeError, match="torch.Generator"):
         split_by_image(torch.arange(4), torch.tensor([0, 0, 1, 1]), 0.5, 0)
+
+
+# ---- damaged files ----------------------------------------------------------------------------------------------
+
+def test_truncated_idx_names_file(tmp_path):
+    write_idx_dataset(tmp_path, "MNIST")
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:3000])
+    with pytest.raises(data.CorruptDataError) as info:
+        load_dataset("mnist", root=tmp_path)
+    message = str(info.value)
+    assert f"{images} is truncated: 3,000 of the 9,424 bytes its header 12x28x28 implies" in message
+    assert "Delete that file and run `python -m labutils data fetch mnist`" in message
+    assert "python -m labutils data verify" in message
+    assert info.value.path == images
+
+
+def test_idx_with_extra_bytes_is_corrupt(tmp_path):
+    write_idx_dataset(tmp_path, "KMNIST")
+    labels = tmp_path / "KMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes() + b"\0\0")
+    with pytest.raises(data.CorruptDataError, match="has 2 bytes more than its header 5 implies"):
+        load_dataset("kmnist", root=tmp_path)
+
+
+def test_gzipped_idx_is_corrupt(tmp_path):
+    write_idx_dataset(tmp_path, "FashionMNIST")
+    labels = tmp_path / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(gzip.compress(labels.read_bytes()))
+    with pytest.raises(data.CorruptDataError, match="not an uncompressed IDX file"):
+        load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_corrupt_error_is_unavailable():
+    # Callers that catch DatasetUnavailableError, such as `data fetch`, also catch damaged files.
+    assert issubclass(data.CorruptDataError, DatasetUnavailableError)
+
+
+def test_truncated_png_names_file_and_set(tmp_path):
+    write_omniglot(tmp_path)
+    drawing = sorted((tmp_path / "omniglot-py" / "images_background").rglob("*.png"))[3]
+    drawing.write_bytes(drawing.read_bytes()[:60])
+    with pytest.raises(data.CorruptDataError) as info:
+        load_dataset("omniglot", root=tmp_path)
+    message = str(info.value)
+    assert f"{drawing} could not be decoded as a PNG" in message
+    assert f"Delete the folder {tmp_path / 'omniglot-py' / 'images_background'} and run" in message
+    assert info.value.path == drawing
+
+
+def test_truncated_png_in_image_folder(tmp_path):
+    write_drawing(tmp_path / "Alphabet_A" / "character01" / "01.png", random_strokes(0))
+    drawing = tmp_path / "Alphabet_A" / "character01" / "02.png"
+    drawing.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(data.CorruptDataError, match="02.png could not be decoded as a PNG"):
+        load_image_folder(tmp_path)
+
+
+def test_omniglot_extracted_again_from_zip(tmp_path, monkeypatch):
+    strokes = write_omniglot(tmp_path)
+    evaluation = tmp_path / "omniglot-py" / "images_evaluation"
+    shutil.make_archive(str(evaluation), "zip", root_dir=evaluation.parent, base_dir=evaluation.name)
+    shutil.rmtree(evaluation)
+
+    def no_network(self):
+        raise AssertionError("the archive beside the folder must be used, not the network")
+
+    monkeypatch.setattr(torchvision.datasets.Omniglot, "download", no_network)
+    images, _ = load_dataset("omniglot", root=tmp_path, download=True)
+    np.testing.assert_allclose(images.numpy(), expected_drawings(strokes), atol=1e-5)
+
+
+def test_broken_omniglot_zip_is_corrupt(tmp_path):
+    write_omniglot(tmp_path)
+    evaluation = tmp_path / "omniglot-py" / "images_evaluation"
+    shutil.rmtree(evaluation)
+    (evaluation.parent / "images_evaluation.zip").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(data.CorruptDataError, match="images_evaluation.zip could not be extracted"):
+        load_dataset("omniglot", root=tmp_path, download=True)

@@ -1,9 +1,13 @@
 import os
+from pathlib import Path
 
+import pytest
 import torch
+import torchvision
 
 from labutils import __main__ as cli
-from labutils import data, runner, session
+from labutils import data, manifest, runner, session
+from test_data import write_idx_dataset
 
 
 def test_fetch_reports_failure(monkeypatch, capsys):
@@ -60,3 +64,65 @@ def test_run_keeps_mps_fallback_choice(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "run_course", record_fallback(seen, tmp_path))
     assert cli.main(["run", "--profile", "smoke"]) == 0
     assert seen["fallback"] == "0"
+
+
+@pytest.fixture
+def fetched_mnist(monkeypatch, tmp_path, capsys):
+    """Run `data fetch mnist` with a download that writes real IDX files instead of using the network."""
+    def write_files(self):
+        write_idx_dataset(Path(self.root), "MNIST")
+
+    monkeypatch.setenv(data.DATA_DIR_ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", write_files)
+    assert cli.main(["data", "fetch", "mnist"]) == 0
+    capsys.readouterr()
+    return tmp_path
+
+
+def test_fetch_records_manifest(fetched_mnist):
+    recorded = manifest.load_manifest(fetched_mnist)["datasets"]["mnist"]["files"]
+    assert len(recorded) == 4
+
+
+def test_verify_after_fetch_passes(fetched_mnist, capsys):
+    assert cli.main(["data", "verify"]) == 0
+    output = capsys.readouterr().out
+    assert "mnist          4 files, " in output
+    assert "all match the manifest" in output
+
+
+def test_verify_reports_truncated_copy(fetched_mnist, capsys):
+    images = fetched_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    assert cli.main(["data", "verify"]) == 1
+    output = capsys.readouterr().out
+    assert "  MNIST/raw/train-images-idx3-ubyte: truncated, 1,000 of 9,424 bytes. Fix: delete it" in output
+    assert "1 problem found." in output
+
+
+def test_verify_without_manifest(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(data.DATA_DIR_ENV_VAR, str(tmp_path))
+    assert cli.main(["data", "verify"]) == 1
+    assert "no MANIFEST.json in the data folder" in capsys.readouterr().err
+
+
+def test_verify_rejects_unknown_name(capsys):
+    assert cli.main(["data", "verify", "cifar"]) == 2
+    assert "unknown data set cifar" in capsys.readouterr().err
+
+
+def test_list_shows_size_on_disk(fetched_mnist, capsys):
+    data.clear_cache()
+    assert cli.main(["data", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mnist = next(line for line in lines if line.startswith("mnist "))
+    expected = manifest.format_bytes(manifest.disk_bytes("mnist", fetched_mnist))
+    assert mnist.endswith(f"{expected} on disk")
+
+
+def test_list_shows_damaged(fetched_mnist, capsys):
+    data.clear_cache()
+    images = fetched_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    assert cli.main(["data", "list"]) == 0
+    assert "mnist          damaged, " in capsys.readouterr().out
