@@ -11,6 +11,12 @@ from labutils import data, losses, metrics, models, profiles, record, runner, tr
 from labutils.history import History
 
 
+@pytest.fixture(autouse=True)
+def no_profile_override(monkeypatch):
+    # `make test` exports LABUTILS_PROFILE=quick, which would replace the misspelt profile under test.
+    monkeypatch.delenv(profiles.PROFILE_ENV_VAR, raising=False)
+
+
 def not_json(tmp_path):
     path = tmp_path / "history.json"
     path.write_text("epoch,loss\n1,0.5\n")
