@@ -184,16 +184,31 @@ def _add_run_parser(subparsers: Any) -> None:
                           "(default: no limit)")
     run.add_argument("--notebooks-dir", type=Path, default=runner.NOTEBOOKS_DIR, metavar="DIR",
                      help=f"folder holding the NN_name.ipynb notebooks (default: {runner.NOTEBOOKS_DIR})")
+    _add_jobs_argument(run)
+    run.add_argument("--resume", type=Path, metavar="DIR",
+                     help="finish the interrupted run in DIR: run only its notebooks without an entry in its "
+                          "results.json, with the profile, data set, device, seed and notebooks it was started "
+                          "with (only --jobs and --timeout apply)")
     run.set_defaults(handler=_run_command)
+
+
+def _add_jobs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="number of notebooks executed at the same time, each in its own process and kernel; "
+                             "results match a sequential run, but wall-clock times grow when the notebooks share "
+                             "too few CPU cores (default: 1)")
 
 
 def _run_command(args: argparse.Namespace) -> int:
     # Kernels inherit this process's environment, and PyTorch reads the variable when a kernel imports it.
     os.environ.setdefault(session.MPS_FALLBACK_ENV_VAR, "1")
     try:
-        results = runner.run_course(profile=args.profile, dataset=args.dataset, device=args.device, seed=args.seed,
-                                    notebooks=args.notebooks, out=args.out, timeout=args.timeout,
-                                    notebooks_dir=args.notebooks_dir)
+        if args.resume is not None:
+            results = runner.resume_course(args.resume, jobs=args.jobs, timeout=args.timeout)
+        else:
+            results = runner.run_course(profile=args.profile, dataset=args.dataset, device=args.device,
+                                        seed=args.seed, notebooks=args.notebooks, out=args.out,
+                                        timeout=args.timeout, notebooks_dir=args.notebooks_dir, jobs=args.jobs)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE_ERROR
@@ -207,7 +222,7 @@ def _print_summary(results: dict[str, Any]) -> None:
     print(f"Executed notebooks: {out_dir / 'notebooks'}")
     print(f"Results: {out_dir / 'results.json'}")
     print(f"Report: {out_dir / 'report.md'} and {out_dir / 'report.html'}")
-    width = max(len(entry["notebook"]) for entry in results["notebooks"])
+    width = max((len(entry["notebook"]) for entry in results["notebooks"]), default=0)
     for entry in results["notebooks"]:
         claims_held = sum(1 for claim in entry["claims"] if claim["holds"])
         line = f"{entry['notebook']:<{width}}  {entry['status']:<12}  {entry['seconds']:7.1f} s  " \

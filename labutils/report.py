@@ -35,7 +35,7 @@ class Paragraph:
 @dataclass(frozen=True)
 class Table:
     headers: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
+    rows: tuple[tuple[str | Link, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -60,21 +60,35 @@ img { max-width: 100%; }"""
 
 def write_reports(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """Write `report.md` and `report.html` for `results` (the content of results.json) into `out_dir`."""
-    blocks = build_blocks(results)
-    markdown_path = out_dir / "report.md"
-    html_path = out_dir / "report.html"
-    markdown_path.write_text(render_markdown(blocks), encoding="utf-8")
-    html_path.write_text(render_html(blocks, title=f"Course run: {results['status']}"), encoding="utf-8")
+    return write_blocks(build_blocks(results), out_dir / "report", title=f"Course run: {results['status']}")
+
+
+def write_blocks(blocks: list[Block], stem: Path, title: str) -> tuple[Path, Path]:
+    """Write `blocks` as `<stem>.md` and `<stem>.html`, each file replaced atomically, and return both paths.
+
+    A reader, or a run killed while writing, never leaves half a report: each file is written beside its target
+    and then renamed over it.
+    """
+    markdown_path = stem.with_suffix(".md")
+    html_path = stem.with_suffix(".html")
+    _write_atomically(markdown_path, render_markdown(blocks))
+    _write_atomically(html_path, render_html(blocks, title=title))
     return markdown_path, html_path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def build_blocks(results: dict[str, Any]) -> list[Block]:
     """Lay out the report: run header, one summary table, then a section per notebook."""
     blocks: list[Block] = [Heading(f"Course run: {results['status']}", 1), *_header(results)]
     blocks.append(Heading("Notebooks", 2))
-    rows = tuple((entry["notebook"], entry["status"], f"{entry['seconds']:.1f}", _claims_held(entry["claims"]))
-                 for entry in results["notebooks"])
-    blocks.append(Table(("Notebook", "Status", "Seconds", "Claims held"), rows))
+    rows = tuple((entry["notebook"], entry["status"], f"{entry['seconds']:.1f}", _claims_held(entry["claims"]),
+                  page_link(entry)) for entry in results["notebooks"])
+    blocks.append(Table(("Notebook", "Status", "Seconds", "Claims held", "Executed notebook"), rows))
     for entry in results["notebooks"]:
         blocks.extend(_notebook_section(entry))
     return blocks
@@ -95,11 +109,18 @@ def _header(results: dict[str, Any]) -> list[Block]:
     ]
 
 
+def page_link(entry: dict[str, Any]) -> Link:
+    """Link to a notebook's HTML rendering, or to the executed .ipynb when it has none."""
+    target = entry.get("html") or entry["executed"]
+    return Link(target, target)
+
+
 def _notebook_section(entry: dict[str, Any]) -> list[Block]:
-    blocks: list[Block] = [
-        Heading(f"{entry['notebook']}: {entry['status']}", 2),
-        Paragraph((f"{entry['seconds']:.1f} s. Executed notebook: ", Link(entry["executed"], entry["executed"]))),
-    ]
+    executed: tuple[str | Link, ...] = (f"{entry['seconds']:.1f} s. Executed notebook: ",
+                                        Link(entry["executed"], entry["executed"]))
+    if entry.get("html"):
+        executed += (", rendered as HTML: ", Link(entry["html"], entry["html"]))
+    blocks: list[Block] = [Heading(f"{entry['notebook']}: {entry['status']}", 2), Paragraph(executed + (".",))]
     if entry["error"]:
         blocks += [Paragraph(("Error:",)), Code(entry["error"])]
     if entry["metrics"]:
@@ -160,9 +181,13 @@ def _markdown_block(block: Block) -> str:
     return f"{fence}text\n{block.text}\n{fence}"
 
 
-def _markdown_row(cells: tuple[str, ...]) -> str:
-    escaped = (cell.replace("|", "\\|").replace("\n", " ") for cell in cells)
+def _markdown_row(cells: tuple[str | Link, ...]) -> str:
+    escaped = (_markdown_cell(cell).replace("|", "\\|").replace("\n", " ") for cell in cells)
     return "| " + " | ".join(escaped) + " |"
+
+
+def _markdown_cell(cell: str | Link) -> str:
+    return f"[{cell.text}](<{cell.href}>)" if isinstance(cell, Link) else cell
 
 
 def render_html(blocks: list[Block], title: str) -> str:
@@ -182,8 +207,14 @@ def _html_block(block: Block) -> str:
         return f"<p>{''.join(parts)}</p>"
     if isinstance(block, Table):
         header = "".join(f"<th>{html.escape(cell)}</th>" for cell in block.headers)
-        rows = ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in block.rows]
+        rows = ["<tr>" + "".join(f"<td>{_html_cell(cell)}</td>" for cell in row) + "</tr>" for row in block.rows]
         return "<table>\n<tr>" + header + "</tr>\n" + "\n".join(rows) + "\n</table>"
     if isinstance(block, Image):
         return f'<p><img src="{quote(block.path)}" alt="{html.escape(block.alt)}"></p>'
     return f"<pre>{html.escape(block.text)}</pre>"
+
+
+def _html_cell(cell: str | Link) -> str:
+    if isinstance(cell, Link):
+        return f'<a href="{quote(cell.href)}">{html.escape(cell.text)}</a>'
+    return html.escape(cell)

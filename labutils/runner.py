@@ -2,8 +2,12 @@
 
 Each notebook runs in its own Jupyter kernel with the parameters PROFILE, DATASET, DEVICE, SEED and RESULTS_DIR
 injected. Its `Recorder` writes `<out>/results/<stem>.json`, which the runner reads instead of parsing cell
-outputs. A run folder contains `notebooks/` (executed copies, partial output kept on failure), `results/`,
-`results.json`, `report.md` and `report.html`.
+outputs. A run folder contains `notebooks/` (executed copies, partial output kept on failure), `html/` (the
+same notebooks rendered by nbconvert for browsing), `results/`, `results.json`, `report.md` and `report.html`.
+
+results.json is rewritten after every notebook, so a run that is interrupted or killed keeps the entries of the
+notebooks that finished, and `resume_course` later runs only the notebooks without an entry. With `jobs` above 1
+the notebooks run in parallel, each in its own worker process and kernel.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime
 from importlib import metadata
@@ -23,9 +30,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from labutils import report
-from labutils.data import DATASETS
+
+try:
+    import resource
+except ImportError:  # Windows has no resource module, so kernel CPU time is not measured there.
+    resource = None  # type: ignore[assignment]
 from labutils.profiles import PROFILE_ENV_VAR, PROFILES
-from labutils.training import DEVICES
 
 logger = logging.getLogger(__name__)
 
@@ -35,45 +45,165 @@ RUNS_DIR = REPO_ROOT / "runs"
 KERNEL_NAME = "python3"
 NOTEBOOK_NAME = re.compile(r"^(\d+)_.+\.ipynb$")
 ERROR_LINES = 6  # maximum lines of an exception message that results.json and the report keep
+KERNEL_START_ATTEMPTS = 3  # executions of a notebook whose kernel stops before its first cell (see `_execute`)
 
 
 def run_course(profile: str = "full", dataset: str = "digits", device: str = "auto", seed: int = 0,
                notebooks: Sequence[str] | None = None, out: str | os.PathLike[str] | None = None,
-               timeout: float | None = None, notebooks_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+               timeout: float | None = None, notebooks_dir: str | os.PathLike[str] | None = None,
+               jobs: int = 1) -> dict[str, Any]:
     """Execute the selected notebooks and write results.json, report.md and report.html into the run folder.
 
     `notebooks` lists number prefixes ("00", "2"); None runs all. `out` must be missing or empty, and by
     default is runs/<YYYYmmdd-HHMMSS> in the repository. `timeout` limits the execution time of each notebook
-    in seconds. Invalid arguments raise ValueError before anything runs. Returns the content of results.json,
-    whose "status" is "passed" only when every notebook passed.
+    in seconds. `jobs` is the number of notebooks that run at the same time. Invalid arguments raise ValueError
+    before anything runs. Returns the content of results.json, whose "status" is "passed" only when every
+    notebook passed.
     """
     _check_arguments(profile, dataset, device, seed, timeout)
-    selected = select_notebooks(find_notebooks(notebooks_dir or NOTEBOOKS_DIR), notebooks)
+    _check_jobs(jobs)
+    folder = Path(notebooks_dir or NOTEBOOKS_DIR).resolve()
+    selected = select_notebooks(find_notebooks(folder), notebooks)
     out_dir = prepare_out_dir(out)
     results: dict[str, Any] = {
-        "profile": profile, "dataset": dataset, "device": device, "seed": seed, "timeout": timeout,
-        "out_dir": str(out_dir), "started": _now(), "finished": None, "seconds": 0.0, "status": "incomplete",
+        "profile": profile, "dataset": dataset, "device": device, "seed": seed, "timeout": timeout, "jobs": jobs,
+        "out_dir": str(out_dir), "notebooks_dir": str(folder), "selected": [path.stem for path in selected],
+        "requested": list(notebooks) if notebooks else None,
+        "started": _now(), "finished": None, "seconds": 0.0, "status": "incomplete",
         "environment": environment_info(), "notebooks": [],
     }
     _warn_if_other_kernel(results["environment"]["kernel_command"])
-    parameters = {"PROFILE": profile, "DATASET": dataset, "DEVICE": device, "SEED": seed,
-                  "RESULTS_DIR": str(out_dir / "results")}
+    return _run_selected(results, selected, out_dir)
+
+
+def resume_course(run_dir: str | os.PathLike[str], jobs: int = 1, timeout: float | None = None) -> dict[str, Any]:
+    """Finish an interrupted run in its own folder: execute only the notebooks that have no entry in results.json.
+
+    The profile, data set, device, seed and notebook selection come from the run's results.json. Entries already
+    there, failed ones included, are kept as they are. A notebook that was cut off mid-way is executed again
+    from the start, replacing its partial executed copy. `timeout` replaces the run's per-notebook limit when
+    given. Returns the updated content of results.json.
+    """
+    _check_jobs(jobs)
+    out_dir = Path(run_dir).resolve()
+    results = read_results(out_dir)
+    if timeout is not None:
+        _check_arguments(results["profile"], results["dataset"], results["device"], results["seed"], timeout)
+        results["timeout"] = timeout
+    folder = Path(results.get("notebooks_dir") or NOTEBOOKS_DIR)
+    available = {path.stem: path for path in find_notebooks(folder)}
+    # Runs written before the selection was recorded ran every notebook of the folder.
+    selection = results.get("selected") or list(available)
+    missing = [stem for stem in selection if stem not in available]
+    if missing:
+        raise ValueError(f"Cannot resume {str(out_dir)!r}: the notebooks {', '.join(missing)} are no longer in "
+                         f"{str(folder)!r}. Start a new run instead.")
+    results["selected"] = selection
+    # The folder may have been moved or copied since the run started, for example as a CI artifact.
+    results["out_dir"] = str(out_dir)
+    finished = {entry["notebook"] for entry in results["notebooks"]}
+    pending = [available[stem] for stem in selection if stem not in finished]
+    if not pending and results["status"] != "incomplete":
+        logger.info("Nothing to resume in %s: every notebook has an entry and the run is %s.", out_dir,
+                    results["status"])
+        return results
+    logger.info("Resuming %s: %d of %d notebooks left to run", out_dir, len(pending), len(selection))
+    results["jobs"] = jobs
+    results["resumed"] = [*results.get("resumed", []), _now()]
+    return _run_selected(results, pending, out_dir)
+
+
+def read_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read `run_dir`/results.json, raising ValueError with the reason when it is missing or unreadable."""
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{str(path)!r} not found: point at a run folder written by `python -m labutils run`.") \
+            from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read {str(path)!r}: {error}. Start a new run instead.") from None
+    if not isinstance(results, dict) or not isinstance(results.get("notebooks"), list):
+        raise ValueError(f"{str(path)!r} is not a results file of the course runner: it has no notebook list.")
+    return results
+
+
+def _run_selected(results: dict[str, Any], notebooks: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Execute `notebooks`, adding their entries to `results` in course order, and finish the run."""
+    parameters = {"PROFILE": results["profile"], "DATASET": results["dataset"], "DEVICE": results["device"],
+                  "SEED": results["seed"], "RESULTS_DIR": str(out_dir / "results")}
+    position = {stem: index for index, stem in enumerate(results["selected"])}
+    earlier_seconds = results["seconds"]
     started = time.perf_counter()
-    with _kernel_environment(profile):
-        for index, notebook in enumerate(selected, start=1):
-            logger.info("Running %s (%d of %d)", notebook.name, index, len(selected))
-            results["notebooks"].append(run_notebook(notebook, out_dir, parameters, timeout))
-            results["seconds"] = round(time.perf_counter() - started, 2)
+    with _kernel_environment(results["profile"]) as environment:
+        entries = _execute_notebooks(notebooks, out_dir, parameters, results["timeout"], results["jobs"],
+                                     environment)
+        for entry in entries:
+            results["notebooks"].append(entry)
+            results["notebooks"].sort(key=lambda item: position.get(item["notebook"], len(position)))
+            results["seconds"] = round(earlier_seconds + time.perf_counter() - started, 2)
             # Written after every notebook so that an interrupted run still leaves results and a report.
             _write_results(results, out_dir)
     results["finished"] = _now()
-    passed = all(entry["status"] == "passed" for entry in results["notebooks"])
+    finished = {entry["notebook"] for entry in results["notebooks"]}
+    passed = all(stem in finished for stem in results["selected"]) and \
+        all(entry["status"] == "passed" for entry in results["notebooks"])
     results["status"] = "passed" if passed else "failed"
     _write_results(results, out_dir)
     return results
 
 
+def _execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[str, Any], timeout: float | None,
+                       jobs: int, environment: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Yield the results.json entry of each notebook as it finishes, running up to `jobs` at a time.
+
+    Parallel notebooks run in worker processes, not threads: papermill's execute_notebook changes the working
+    directory of the whole process while a notebook runs (papermill 2.7, `papermill.utils.chdir`), so two
+    threads would change it under each other.
+    """
+    if jobs == 1 or len(notebooks) <= 1:
+        for index, notebook in enumerate(notebooks, start=1):
+            logger.info("Running %s (%d of %d)", notebook.name, index, len(notebooks))
+            yield run_notebook(notebook, out_dir, parameters, timeout)
+        return
+    workers = min(jobs, len(notebooks))
+    logger.info("Running %d notebooks, %d at a time", len(notebooks), workers)
+    # spawn, not fork: forking a process that already holds PyTorch and ZeroMQ threads can deadlock the child.
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker,
+                                   initargs=(environment, logging.getLogger().getEffectiveLevel()))
+    try:
+        futures = {executor.submit(run_notebook, notebook, out_dir, parameters, timeout): notebook
+                   for notebook in notebooks}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool as error:
+                notebook = futures[future]
+                logger.error("The worker process running %s stopped: %s", notebook.name, error)
+                yield _entry_without_execution(notebook, out_dir, f"{type(error).__name__}: the worker process "
+                                               "running this notebook stopped (killed, or out of memory)")
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(environment: dict[str, str], log_level: int) -> None:
+    """Give a worker process the kernels' environment variables and the parent's logging level."""
+    os.environ.update(environment)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("papermill").setLevel(max(log_level, logging.WARNING))
+
+
+def _check_jobs(jobs: int) -> None:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"Invalid jobs {jobs!r}: use a positive integer, the number of notebooks run at once.")
+
+
 def _check_arguments(profile: str, dataset: str, device: str, seed: int, timeout: float | None) -> None:
+    # Imported here so that worker processes, which only execute notebooks, do not load PyTorch.
+    from labutils.data import DATASETS
+    from labutils.training import DEVICES
+
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}: use one of {', '.join(PROFILES)}.")
     if dataset not in DATASETS:
@@ -141,8 +271,8 @@ def prepare_out_dir(out: str | os.PathLike[str] | None) -> Path:
 
 
 @contextmanager
-def _kernel_environment(profile: str) -> Iterator[None]:
-    """Set the environment variables that kernels inherit, and restore the previous values afterwards.
+def _kernel_environment(profile: str) -> Iterator[dict[str, str]]:
+    """Set the environment variables that kernels inherit, yield them, and restore the previous values afterwards.
 
     PYTHONPATH lets the kernels import this labutils even when it is not installed. LABUTILS_PROFILE is set
     because `get_profile` prefers it over the injected PROFILE parameter.
@@ -152,7 +282,7 @@ def _kernel_environment(profile: str) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in changes}
     os.environ.update(changes)
     try:
-        yield
+        yield changes
     finally:
         for name, value in saved.items():
             if value is None:
@@ -162,11 +292,39 @@ def _kernel_environment(profile: str) -> Iterator[None]:
 
 
 def run_notebook(notebook: Path, out_dir: Path, parameters: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """Execute one notebook into `out_dir`/notebooks and return its entry for results.json."""
+    """Execute one notebook into `out_dir`/notebooks, render it to HTML and return its entry for results.json.
+
+    `seconds` is the wall-clock time of the execution, kernel start-up included. `cpu_seconds` is the processor
+    time the kernel used, all its threads together. Other programs on a busy machine barely change it, unless
+    the kernel's own threads spin while they wait for each other. It is None where the platform cannot measure it.
+    """
     executed = out_dir / "notebooks" / notebook.name
+    recorded_path = out_dir / "results" / f"{notebook.stem}.json"
+    # A notebook executed again (resume) must not report what an interrupted attempt recorded.
+    recorded_path.unlink(missing_ok=True)
     started = time.perf_counter()
+    cpu_started = _children_cpu_seconds()
     error = _execute(notebook, executed, parameters, timeout)
     seconds = round(time.perf_counter() - started, 2)
+    cpu_seconds = _children_cpu_seconds()
+    cpu_seconds = None if cpu_seconds is None or cpu_started is None else round(cpu_seconds - cpu_started, 2)
+    entry = _entry(notebook, out_dir, error, seconds, cpu_seconds)
+    logger.info("%s %s in %.1f s", notebook.stem, entry["status"], seconds)
+    entry["html"] = render_html(executed, out_dir / "html" / f"{notebook.stem}.html", out_dir)
+    return entry
+
+
+def _entry_without_execution(notebook: Path, out_dir: Path, error: str) -> dict[str, Any]:
+    """Build the failed entry of a notebook whose execution never returned, keeping anything it recorded."""
+    executed = out_dir / "notebooks" / notebook.name
+    entry = _entry(notebook, out_dir, error, 0.0, None)
+    entry["status"] = "failed"
+    entry["html"] = render_html(executed, out_dir / "html" / f"{notebook.stem}.html", out_dir)
+    return entry
+
+
+def _entry(notebook: Path, out_dir: Path, error: str | None, seconds: float,
+           cpu_seconds: float | None) -> dict[str, Any]:
     recorded = _read_recorded(out_dir / "results" / f"{notebook.stem}.json")
     failed_claims = [claim for claim in recorded["claims"] if claim["enforced"] and not claim["holds"]]
     if failed_claims:
@@ -175,16 +333,77 @@ def run_notebook(notebook: Path, out_dir: Path, parameters: dict[str, Any], time
         status = "failed"
     else:
         status = "passed"
-    logger.info("%s %s in %.1f s", notebook.stem, status, seconds)
     return {
-        "notebook": notebook.stem, "status": status, "seconds": seconds, "error": error,
-        "metrics": recorded["metrics"], "claims": recorded["claims"],
+        "notebook": notebook.stem, "status": status, "seconds": seconds, "cpu_seconds": cpu_seconds,
+        "error": error, "metrics": recorded["metrics"], "claims": recorded["claims"],
         "figures": [f"results/{figure}" for figure in recorded["figures"]],
-        "executed": executed.relative_to(out_dir).as_posix(),
+        "executed": (out_dir / "notebooks" / notebook.name).relative_to(out_dir).as_posix(),
     }
 
 
+def _children_cpu_seconds() -> float | None:
+    """Return the user plus system time of this process's finished child processes, the kernels among them.
+
+    The kernel is a child process that jupyter_client waits for at shutdown, so its time counts once it ends.
+    Each runner or worker process executes one notebook at a time, so the difference around one execution is
+    that notebook's kernel.
+    """
+    if resource is None:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def render_html(executed: Path, target: Path, out_dir: Path) -> str | None:
+    """Render an executed notebook to a standalone HTML page with nbconvert; return its path relative to `out_dir`.
+
+    Returns None, with a warning, when the executed notebook is missing or nbconvert fails: the page is for
+    browsing, so a failure here must not fail the run.
+    """
+    if not executed.is_file():
+        return None
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(body, encoding="utf-8")
+    except Exception as error:  # noqa: BLE001 - nbconvert raises many types, and the page is optional
+        logger.warning("Could not render %s to HTML: %s", executed.name, error)
+        return None
+    return target.relative_to(out_dir).as_posix()
+
+
 def _execute(notebook: Path, executed: Path, parameters: dict[str, Any], timeout: float | None) -> str | None:
+    """Run papermill, starting the kernel again when it failed before any cell ran; return None or the error.
+
+    jupyter_client picks a kernel's TCP ports by binding and releasing them, so a kernel started at the same
+    moment by another process (a parallel notebook, or any other Jupyter user of the machine) can take a port
+    first, and the new kernel dies with "ZMQError: Address already in use" before it runs a cell. No notebook
+    code has run then, so starting again is safe.
+    """
+    for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+        error = _execute_once(notebook, executed, parameters, timeout)
+        if error is None or attempt == KERNEL_START_ATTEMPTS or not _kernel_never_ran(executed):
+            return error
+        logger.warning("The kernel of %s stopped before running a cell (%s): starting it again, attempt %d of %d",
+                       notebook.name, error.splitlines()[0], attempt + 1, KERNEL_START_ATTEMPTS)
+    return error
+
+
+def _kernel_never_ran(executed: Path) -> bool:
+    """Return whether papermill wrote `executed` but started none of its cells, as when the kernel fails to start."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(executed, as_version=4).cells
+    except (OSError, ValueError):
+        return False
+    return not any(cell.metadata.get("papermill", {}).get("start_time") for cell in cells)
+
+
+def _execute_once(notebook: Path, executed: Path, parameters: dict[str, Any], timeout: float | None) -> str | None:
     """Run papermill and return None, or the first lines of the error that stopped the notebook."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -251,7 +470,10 @@ def _read_recorded(path: Path) -> dict[str, list[Any]]:
 
 
 def _write_results(results: dict[str, Any], out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    # Written beside the target and renamed over it, so a run killed mid-write leaves the previous version.
+    partial = out_dir / "results.json.tmp"
+    partial.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    partial.replace(out_dir / "results.json")
     report.write_reports(results, out_dir)
 
 
@@ -263,7 +485,8 @@ def environment_info() -> dict[str, Any]:
     """Describe the software and hardware of this process, which the notebook kernels share.
 
     `torch_threads` is this process's torch.get_num_threads(). A kernel starts with the same value unless a
-    notebook changes it.
+    notebook changes it. `load_average` is the 1, 5 and 15 minute load average when the run started (None where
+    the platform has none), which explains slow wall-clock times on a shared machine.
     """
     import torch
 
@@ -282,7 +505,15 @@ def environment_info() -> dict[str, Any]:
         "cuda_available": cuda_available,
         "cuda_device": torch.cuda.get_device_name(0) if cuda_available else None,
         "kernel_command": kernel_command(),
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _warn_if_other_kernel(command: list[str]) -> None:

@@ -7,6 +7,7 @@ tests inspect what they left behind.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,8 @@ def run(course: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
 @pytest.fixture(scope="module")
 def cli(course: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path_factory.mktemp("runs") / "cli"
-    return run_cli("--notebooks", "00", "01", "--notebooks-dir", str(course), "--out", str(out)), out
+    # Two jobs: the notebooks run in parallel worker processes, and results.json keeps course order.
+    return run_cli("--notebooks", "00", "01", "--notebooks-dir", str(course), "--out", str(out), "--jobs", "2"), out
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -174,6 +176,62 @@ def test_report_html_content(run: dict[str, Any]) -> None:
     assert "<td>x stays above one half.</td>" in text
     assert "RuntimeError: simulated failure in the second cell" in text
     assert '<img src="results/figures/00_pass_line.png"' in text
+
+
+def test_run_records_cpu_seconds(run: dict[str, Any]) -> None:
+    # The kernel imports matplotlib and saves a figure, which takes well over 0.1 s of processor time.
+    assert entry(run, "00_pass")["cpu_seconds"] > 0.1
+
+
+def test_run_renders_html_pages(run: dict[str, Any]) -> None:
+    pages = [e["html"] for e in run["notebooks"]]
+    assert pages == ["html/00_pass.html", "html/01_claim.html", "html/02_error.html"]
+    page = (Path(run["out_dir"]) / pages[2]).read_text()
+    assert "simulated failure in the second cell" in page
+    assert "[html/02_error.html](<html/02_error.html>)" in (Path(run["out_dir"]) / "report.md").read_text()
+
+
+def test_resume_finished_run_unchanged(run: dict[str, Any]) -> None:
+    results_file = Path(run["out_dir"]) / "results.json"
+    before = results_file.read_bytes()
+    assert runner.resume_course(run["out_dir"]) == run
+    assert results_file.read_bytes() == before
+
+
+def test_resume_without_results_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="results.json' not found"):
+        runner.resume_course(tmp_path)
+
+
+def test_invalid_jobs_rejected(course: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Invalid jobs 0"):
+        runner.run_course(profile="smoke", out=tmp_path / "run", notebooks_dir=course, jobs=0)
+    assert not (tmp_path / "run").exists()
+
+
+DIES_AT_FIRST_START = """import os
+from pathlib import Path
+
+if not Path({marker!r}).exists():
+    Path({marker!r}).write_text("the first kernel stopped here")
+    os._exit(1)
+"""
+
+
+def test_kernel_start_failure_retried(course: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    # An IPython startup file stops the first kernel before it replies to the client, as a port clash does.
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    marker = tmp_path / "first-start"
+    (startup / "00-stop-once.py").write_text(DIES_AT_FIRST_START.format(marker=str(marker)))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    caplog.set_level(logging.WARNING, logger="labutils.runner")
+    results = runner.run_course(profile="smoke", notebooks=["00"], out=tmp_path / "run", notebooks_dir=course)
+    assert marker.exists()
+    assert entry(results, "00_pass")["status"] == "passed"
+    assert "stopped before running a cell" in caplog.text
+    assert "attempt 2 of 3" in caplog.text
 
 
 def test_timeout_whole_notebook(course: Path, tmp_path: Path) -> None:
