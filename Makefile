@@ -12,10 +12,15 @@ PIP_ARGS ?=
 # this variable when it is imported, so it must be in the environment before JupyterLab or a kernel starts.
 export PYTORCH_ENABLE_MPS_FALLBACK ?= 1
 
+# `make nightly`: the profile it runs and compares, notebooks run at once, and extra flags such as --out DIR.
+NIGHTLY_PROFILE ?= full
+JOBS ?= 1
+NIGHTLY_ARGS ?=
+
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test lab smoke clean-venv
+.PHONY: install course test lab smoke nightly clean-venv
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is required; set PYTHON=python3.11, for example.")'
@@ -39,6 +44,11 @@ lab: $(INSTALLED)
 
 smoke: $(INSTALLED)
 	$(PY) -m labutils run --profile smoke --dataset $(DATASET) --device $(DEVICE) --seed $(SEED)
+
+# Regression check: every notebook, compared with reference/results-$(NIGHTLY_PROFILE).json; exits 1 on a
+# regression. The report is nightly.md and nightly.html in the run folder.
+nightly: $(INSTALLED)
+	$(PY) -m labutils nightly --profile $(NIGHTLY_PROFILE) --jobs $(JOBS) $(NIGHTLY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from labutils import data, exercises, manifest, runner, session
+from labutils import data, exercises, manifest, nightly, runner, session
 from labutils.data import DATASETS
 from labutils.profiles import PROFILE_ENV_VAR, PROFILES
 from labutils.training import DEVICES
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     _add_data_parser(subparsers)
     _add_exercises_parser(subparsers)
+    _add_nightly_parser(subparsers)
     return parser
 
 
@@ -233,6 +234,68 @@ def _print_summary(results: dict[str, Any]) -> None:
     failed = sum(1 for entry in results["notebooks"] if entry["status"] != "passed")
     total = len(results["notebooks"])
     print(f"Run {results['status']}: {total - failed} of {total} notebooks passed in {results['seconds']:.1f} s.")
+
+
+def _add_nightly_parser(subparsers: Any) -> None:
+    nightly_parser = subparsers.add_parser(
+        "nightly", help="run the course and compare it with a reference run (regression check)",
+        description="Execute every notebook (digits, seed 0) into a new run folder, compare the results with a "
+                    "reference, and write comparison.json, nightly.md and nightly.html next to the run's own "
+                    "report. Exit status: 0 when every notebook passed and nothing regressed, 1 on any "
+                    "regression (or, with --update-reference, when the run did not pass), 2 for invalid "
+                    "arguments or a missing or mismatched reference.")
+    nightly_parser.add_argument("--reference", type=Path, metavar="PATH",
+                                help="earlier run folder or results file to compare with (default: "
+                                     "reference/results-<profile>.json in the repository)")
+    nightly_parser.add_argument("--profile", choices=list(PROFILES),
+                                help=f"work size of each notebook (default: {nightly.DEFAULT_PROFILE}, or the "
+                                     "resumed run's profile)")
+    _add_jobs_argument(nightly_parser)
+    nightly_parser.add_argument("--out", type=Path, metavar="DIR",
+                                help="new or empty folder for this run (default: runs/<YYYYmmdd-HHMMSS>)")
+    nightly_parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                                help="maximum execution time of each notebook in seconds (default: no limit)")
+    nightly_parser.add_argument("--resume", type=Path, metavar="DIR",
+                                help="finish the interrupted run in DIR (only its notebooks without an entry run), "
+                                     "then compare it")
+    nightly_parser.add_argument("--update-reference", action="store_true",
+                                help="after the run, replace the reference file with this run's results.json, "
+                                     "but only if every notebook passed; an old reference is still compared")
+    nightly_parser.add_argument("--notebooks", nargs="+", metavar="NN",
+                                help="number prefixes of the notebooks to run and compare, for example 02 "
+                                     "(default: all)")
+    nightly_parser.add_argument("--notebooks-dir", type=Path, metavar="DIR",
+                                help=f"folder holding the NN_name.ipynb notebooks (default: {runner.NOTEBOOKS_DIR})")
+    nightly_parser.set_defaults(handler=_nightly_command)
+
+
+def _nightly_command(args: argparse.Namespace) -> int:
+    # The same kernel environment as `run`: PyTorch reads the variable when a kernel imports it.
+    os.environ.setdefault(session.MPS_FALLBACK_ENV_VAR, "1")
+    try:
+        outcome = nightly.run_nightly(reference=args.reference, profile=args.profile, jobs=args.jobs, out=args.out,
+                                      timeout=args.timeout, resume=args.resume, notebooks_dir=args.notebooks_dir,
+                                      notebooks=args.notebooks, update_reference=args.update_reference)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    _print_summary(outcome.results)
+    if outcome.comparison is not None:
+        _print_comparison(outcome.comparison, Path(outcome.results["out_dir"]))
+    if args.update_reference:
+        print(outcome.note)
+        return 0 if outcome.reference_updated else 1
+    return 0 if outcome.passed else 1
+
+
+def _print_comparison(comparison: dict[str, Any], out_dir: Path) -> None:
+    print()
+    print(f"Nightly report: {out_dir / 'nightly.md'} and {out_dir / 'nightly.html'}")
+    print(f"Comparison: {out_dir / 'comparison.json'}")
+    for finding in comparison["regressions"]:
+        print(f"REGRESSION {finding['reason']}")
+    print(f"Comparison {comparison['status']}: {len(comparison['regressions'])} regressions, "
+          f"{len(comparison['changes'])} other changes, against {comparison['reference']['path']}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
