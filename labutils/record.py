@@ -11,6 +11,7 @@ import json
 import math
 import operator
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,24 @@ COMPARISONS: dict[str, Callable[[float, float], bool]] = {
 
 class ClaimFailed(AssertionError):
     """A claim a notebook makes no longer holds for the numbers it measured."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one checked claim; true when the claim holds, shown as one readable line in a notebook."""
+
+    name: str
+    value: float
+    op: str
+    threshold: float
+    holds: bool
+
+    def __bool__(self) -> bool:
+        return self.holds
+
+    def __repr__(self) -> str:
+        verdict = "holds" if self.holds else "does NOT hold"
+        return f"Claim {self.name!r} {verdict}: {self.value:.4g} {self.op} {self.threshold:.4g}"
 
 
 class Recorder:
@@ -76,7 +95,7 @@ class Recorder:
         self._replace("metrics", entry)
         return value
 
-    def check(self, name: str, value: float, op: str, threshold: float, claim: str) -> bool:
+    def check(self, name: str, value: float, op: str, threshold: float, claim: str) -> CheckResult:
         """Record the claim `value op threshold` and raise `ClaimFailed` if it does not hold.
 
         `claim` is the sentence the notebook states in prose. Under a profile that does not enforce claims the
@@ -91,7 +110,7 @@ class Recorder:
         if not holds and self.enforce_claims:
             raise ClaimFailed(f"Claim {name!r} does not hold: {value:.4g} {op} {threshold:.4g} is false. "
                               f"The notebook states: {claim}")
-        return bool(holds)
+        return CheckResult(name, value, op, float(threshold), bool(holds))
 
     def figure(self, fig: Any, name: str) -> Path:
         """Save a matplotlib figure as a PNG next to the results and list it for the report."""

@@ -44,7 +44,7 @@ def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
     chosen = get_profile(profile)
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
-    if not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"SEED must be a non-negative integer, got {seed!r}.")
     torch_device = pick_device(device)
     generator = seed_everything(seed)

@@ -79,3 +79,8 @@ def test_metric_spread_saved(tmp_path):
     recorder = Recorder("00_demo", tmp_path)
     recorder.metric("auc", 0.8, spread=0.02)
     assert load_results(recorder.path)["metrics"][0]["spread"] == 0.02
+
+
+def test_check_result_reads_as_sentence(tmp_path):
+    result = Recorder("00_demo", tmp_path).check("auc", 0.9, ">=", 0.8, claim="AUC is high")
+    assert repr(result) == "Claim 'auc' holds: 0.9 >= 0.8"

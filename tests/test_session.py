@@ -36,6 +36,7 @@ def test_env_overrides_profile_and_results(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arguments, message", [
     (("00_demo", "quick", "cifar10", "cpu", 0), "Unknown dataset 'cifar10'"),
     (("00_demo", "quick", "digits", "cpu", -1), "SEED must be a non-negative integer"),
+    (("00_demo", "quick", "digits", "cpu", True), "SEED must be a non-negative integer"),
     (("00_demo", "fast", "digits", "cpu", 0), "Unknown profile 'fast'"),
     (("00_demo", "quick", "digits", "tpu", 0), "Unknown device 'tpu'"),
 ])
