@@ -12,13 +12,14 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from labutils.data import CourseData, Split
+from labutils.diagnostics import ReluActivity, embedding_spread, gradient_norm, update_ratio, weight_norm
 from labutils.history import History
 from labutils.losses import contrastive_loss, contrastive_terms, pairwise_distance, triplet_loss
 from labutils.metrics import accuracy_at_threshold, choose_threshold, roc_auc
@@ -30,6 +31,14 @@ LOSSES = ("contrastive", "triplet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EVAL_SPLITS = ("train", "val_seen", "val_unseen")
+# Columns `evaluate` adds besides the per-split metrics, measured on the val_unseen images in evaluation mode.
+DIAGNOSTIC_COLUMNS = ("val_unseen_emb_std", "val_unseen_emb_norm", "dead_units", "dead_units_layer_max")
+
+# A replacement training loss: (embeddings (N, D), class labels (N,)) -> 0-d loss. For a batch of B pairs the
+# rows are [left; right] (N = 2B), and for B triplets they are [anchor; positive; negative] (N = 3B).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A replacement accuracy: (distances (P,), same (P,), threshold chosen on the training pairs) -> accuracy.
+AccuracyFn = Callable[[torch.Tensor, torch.Tensor, float], float]
 
 
 @dataclass(frozen=True)
@@ -113,13 +122,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def fit(model: nn.Module, data: CourseData, config: TrainConfig, device: str | torch.device = "cpu",
-        progress: bool = True, scheduler_fn: Callable[[torch.optim.Optimizer], object] | None = None) -> History:
+        progress: bool = True, scheduler_fn: Callable[[torch.optim.Optimizer], object] | None = None,
+        loss_fn: LossFn | None = None, accuracy_fn: AccuracyFn | None = None) -> History:
     """Train `model` on `data.train` and evaluate it after every epoch; return the per-epoch history.
 
     Each epoch draws fresh balanced pairs (or triplets) from the training images. Evaluation uses fixed, seeded
     pairs for each split, so epochs are comparable. `val_*_acc` is accuracy at a distance threshold chosen on the
     fixed training pairs, never on the split it is reported for. Training stops early, with a warning recorded in
     the history, when the loss becomes NaN or infinite.
+
+    Besides the metrics, each row records what `labutils.diagnose` reads. These are the spread of the
+    val_unseen embeddings and the fraction of dead ReLU units on those images, the mean gradient norm of the
+    epoch, the update-to-weight ratio of its last step and the weight norm after it. `history.config` contains
+    the settings plus the number of training and unseen classes, the number of training images and the weight
+    norm before training. `loss_fn` replaces the configured loss in training and in the validation loss, and
+    `accuracy_fn` replaces `accuracy_at_threshold`. Both exist to reproduce a learner's own (possibly broken)
+    code, and their names are recorded in `history.config`.
     """
     if config.batch_size > config.pairs_per_epoch:
         raise ValueError(f"batch_size={config.batch_size} is larger than pairs_per_epoch={config.pairs_per_epoch}: "
@@ -132,15 +150,18 @@ def fit(model: nn.Module, data: CourseData, config: TrainConfig, device: str | t
     eval_sets = {split: EvalSet.draw(getattr(data, split).labels, config, generator) for split in EVAL_SPLITS}
     optimizer = make_optimizer(model, config)
     scheduler = scheduler_fn(optimizer) if scheduler_fn else None
-    history = History(config=asdict(config))
+    history = History(config={**asdict(config), **_describe_run(data, loss_fn, accuracy_fn),
+                              "initial_weight_norm": weight_norm(model.parameters())})
 
     epochs = _progress(range(1, config.epochs + 1), progress)
     for epoch in epochs:
         started = time.perf_counter()
-        train_loss, failure = train_one_epoch(model, data.train, images["train"], config, optimizer, generator,
-                                              epoch)
-        row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(evaluate(model, images, eval_sets, config))
+        result = train_one_epoch(model, data.train, images["train"], config, optimizer, generator, epoch, loss_fn)
+        train_loss, failure = result.loss, result.failure
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+               "grad_norm": result.grad_norm, "update_ratio": result.update_ratio,
+               "weight_norm": weight_norm(model.parameters())}
+        row.update(evaluate(model, images, eval_sets, config, loss_fn, accuracy_fn))
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         if failure is None and math.isnan(row["val_unseen_auc"]):
@@ -158,31 +179,57 @@ def fit(model: nn.Module, data: CourseData, config: TrainConfig, device: str | t
     return history
 
 
+class EpochResult(NamedTuple):
+    """Measurements of one training epoch: mean loss, failure message or None, mean gradient norm, last update ratio."""
+
+    loss: float
+    failure: str | None
+    grad_norm: float
+    update_ratio: float
+
+
 def train_one_epoch(model: nn.Module, split: Split, images: torch.Tensor, config: TrainConfig,
-                    optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    epoch: int) -> tuple[float, str | None]:
-    """Run one epoch of freshly drawn pairs or triplets; return the mean loss and a failure message or None."""
+                    optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
+                    loss_fn: LossFn | None = None) -> EpochResult:
+    """Run one epoch of freshly drawn pairs or triplets and measure its loss, gradients and last update."""
     model.train()
     batches = _draw_epoch(split.labels, config, generator)
-    total, count = 0.0, 0
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    num_steps = math.ceil(batches[0].numel() / config.batch_size)
+    total, count, grad_norms, ratio = 0.0, 0, [], math.nan
     for step, batch in enumerate(zip(*(b.split(config.batch_size) for b in batches)), start=1):
-        loss = batch_loss(model, images, batch, config)
+        loss = batch_loss(model, images, batch, config, loss_fn, split.labels)
         if not torch.isfinite(loss):
-            return _mean(total, count), (
+            return EpochResult(_mean(total, count), (
                 f"Training stopped at epoch {epoch}, step {step}: the loss became {loss.item()}. The learning rate "
-                f"(lr={config.lr}) is probably too high for this setup; try a value 3 to 10 times smaller.")
+                f"(lr={config.lr}) is probably too high for this setup; try a value 3 to 10 times smaller."),
+                _mean(sum(grad_norms), len(grad_norms)), ratio)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norms.append(gradient_norm(parameters))
+        # Copying the weights only before the epoch's last step keeps the cost to one copy per epoch.
+        before = [p.detach().clone() for p in parameters] if step == num_steps else None
         optimizer.step()
+        if before is not None:
+            ratio = update_ratio(before, parameters)
         total += loss.item() * batch[0].numel()
         count += batch[0].numel()
-    return _mean(total, count), None
+    return EpochResult(_mean(total, count), None, _mean(sum(grad_norms), len(grad_norms)), ratio)
 
 
-def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor, ...],
-               config: TrainConfig) -> torch.Tensor:
-    """Return the loss of one batch of pair indices `(left, right, same)` or triplet indices `(a, p, n)`."""
+def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor, ...], config: TrainConfig,
+               loss_fn: LossFn | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Return the loss of one batch of pair indices `(left, right, same)` or triplet indices `(a, p, n)`.
+
+    With `loss_fn`, the embeddings of the batch's images and their class `labels` (indexed like `images`) go to
+    it instead, laid out as `LossFn` describes.
+    """
     device = images.device
+    if loss_fn is not None:
+        if labels is None:
+            raise ValueError("batch_loss got a loss_fn but no labels: pass the class labels of `images`.")
+        rows = torch.cat(batch[:2] if config.loss == "contrastive" else batch)
+        return loss_fn(model(images[rows.to(device)]), labels[rows].to(device))
     if config.loss == "contrastive":
         left, right, same = batch
         # One forward pass over both sides keeps batch statistics shared and halves the Python overhead.
@@ -196,26 +243,36 @@ def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: dict[str, torch.Tensor], eval_sets: dict[str, EvalSet],
-             config: TrainConfig) -> dict[str, float]:
+             config: TrainConfig, loss_fn: LossFn | None = None,
+             accuracy_fn: AccuracyFn | None = None) -> dict[str, float]:
     """Compute loss, ROC AUC, accuracy and mean pair distances on the fixed pairs of every split.
 
-    The accuracy threshold is chosen on the training pairs and then applied unchanged to each split.
+    The accuracy threshold is chosen on the training pairs and then applied unchanged to each split. The
+    val_unseen images also give the `DIAGNOSTIC_COLUMNS`: embedding spread and dead ReLU units.
     """
-    embeddings = {split: embed(model, images[split]) for split in EVAL_SPLITS}
+    embeddings = {split: embed(model, images[split]) for split in EVAL_SPLITS[:2]}
+    with ReluActivity(model) as activity:
+        embeddings["val_unseen"] = embed(model, images["val_unseen"])
     distances = {split: eval_sets[split].pair_distances(embeddings[split]).cpu() for split in EVAL_SPLITS}
     if not all(torch.isfinite(d).all() for d in distances.values()):
         # Diverged weights give NaN or infinite embeddings; record NaN so the history shows where it happened.
         return {"threshold": math.nan, **{f"{split}_{metric}": math.nan for split in EVAL_SPLITS
-                                          for metric in ("loss", "auc", "acc", "pos_dist", "neg_dist")}}
+                                          for metric in ("loss", "auc", "acc", "pos_dist", "neg_dist")},
+                **{column: math.nan for column in DIAGNOSTIC_COLUMNS}}
     threshold = choose_threshold(distances["train"], eval_sets["train"].same)
+    accuracy = accuracy_fn or accuracy_at_threshold
     row: dict[str, float] = {"threshold": threshold}
     for split in EVAL_SPLITS:
         d, same = distances[split], eval_sets[split].same
-        row[f"{split}_loss"] = eval_sets[split].loss(embeddings[split], d, config)
+        row[f"{split}_loss"] = eval_sets[split].loss(embeddings[split], d, config, loss_fn)
         row[f"{split}_auc"] = roc_auc(d, same)
-        row[f"{split}_acc"] = accuracy_at_threshold(d, same, threshold)
+        row[f"{split}_acc"] = float(accuracy(d, same, threshold))
         row[f"{split}_pos_dist"] = d[same == 1].mean().item()
         row[f"{split}_neg_dist"] = d[same == 0].mean().item()
+    spread = embedding_spread(embeddings["val_unseen"])
+    dead = activity.dead_units()
+    row.update({"val_unseen_emb_std": spread.std, "val_unseen_emb_norm": spread.norm,
+                "dead_units": dead.fraction, "dead_units_layer_max": dead.worst_layer_fraction})
     return row
 
 
@@ -227,24 +284,41 @@ class EvalSet:
     right: torch.Tensor
     same: torch.Tensor
     triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    labels: torch.Tensor | None = None  # (N,) class labels of the split, which a custom loss_fn receives
 
     @classmethod
     def draw(cls, labels: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> EvalSet:
         left, right, same = make_pairs(labels, config.eval_pairs, generator)
         triplets = make_triplets(labels, config.eval_pairs, generator) if config.loss == "triplet" else None
-        return cls(left, right, same, triplets)
+        return cls(left, right, same, triplets, labels)
 
     def pair_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         device = embeddings.device
         return pairwise_distance(embeddings[self.left.to(device)], embeddings[self.right.to(device)])
 
-    def loss(self, embeddings: torch.Tensor, distances: torch.Tensor, config: TrainConfig) -> float:
+    def loss(self, embeddings: torch.Tensor, distances: torch.Tensor, config: TrainConfig,
+             loss_fn: LossFn | None = None) -> float:
         """The training loss evaluated on these fixed pairs or triplets."""
+        if loss_fn is not None and self.labels is not None:
+            return self._custom_loss(embeddings, config.batch_size, loss_fn)
         if self.triplets is None:
             return contrastive_terms(distances, self.same, config.margin).mean().item()
         anchor, positive, negative = (idx.to(embeddings.device) for idx in self.triplets)
         return triplet_loss(embeddings[anchor], embeddings[positive], embeddings[negative],
                             margin=config.margin).item()
+
+    def _custom_loss(self, embeddings: torch.Tensor, batch_size: int, loss_fn: LossFn) -> float:
+        """Average `loss_fn` over batches of `batch_size` pairs or triplets, as batched in training.
+
+        A loss that mines within its batch, or builds (N, N, N) tables, would behave differently on one large batch.
+        """
+        groups = (self.left, self.right) if self.triplets is None else self.triplets
+        total, count = 0.0, 0
+        for batch in zip(*(group.split(batch_size) for group in groups)):
+            rows = torch.cat(batch).to(embeddings.device)
+            total += loss_fn(embeddings[rows], self.labels.to(embeddings.device)[rows]).item() * batch[0].numel()
+            count += batch[0].numel()
+        return _mean(total, count)
 
 
 def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -252,6 +326,16 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> tor
     model.eval()
     with torch.inference_mode():
         return torch.cat([model(chunk) for chunk in images.split(batch_size)])
+
+
+def _describe_run(data: CourseData, loss_fn: LossFn | None, accuracy_fn: AccuracyFn | None) -> dict[str, object]:
+    """Return the data sizes, and the names of any replaced loss or accuracy, to add to history.config."""
+    described: dict[str, object] = {"train_classes": len(data.train.classes), "train_images": len(data.train),
+                                    "val_unseen_classes": len(data.val_unseen.classes)}
+    for key, function in (("loss_fn", loss_fn), ("accuracy_fn", accuracy_fn)):
+        if function is not None:
+            described[key] = getattr(function, "__name__", type(function).__name__)
+    return described
 
 
 def _draw_epoch(labels: torch.Tensor, config: TrainConfig,

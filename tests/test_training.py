@@ -13,15 +13,16 @@ def course():
     return make_course_data("digits", seed=0, max_images_per_class=30)
 
 
-def small_fit(course, **settings):
+def small_fit(course, loss_fn=None, accuracy_fn=None, **settings):
     torch.manual_seed(0)
     config = TrainConfig(**{"epochs": 2, "pairs_per_epoch": 128, "batch_size": 64, "eval_pairs": 64, **settings})
-    return fit(make_encoder("small"), course, config, progress=False)
+    return fit(make_encoder("small"), course, config, progress=False, loss_fn=loss_fn, accuracy_fn=accuracy_fn)
 
 
 def test_history_has_every_column(course):
     history = small_fit(course)
-    expected = {"epoch", "train_loss", "lr", "threshold", "seconds"} | {
+    expected = {"epoch", "train_loss", "lr", "threshold", "seconds", "grad_norm", "update_ratio", "weight_norm",
+                "val_unseen_emb_std", "val_unseen_emb_norm", "dead_units", "dead_units_layer_max"} | {
         f"{split}_{metric}" for split in ("train", "val_seen", "val_unseen")
         for metric in ("loss", "auc", "acc", "pos_dist", "neg_dist")}
     assert set(history.rows[0]) == expected
@@ -92,3 +93,46 @@ def test_missing_cuda_named(monkeypatch):
 def test_seed_everything_repeats():
     first = torch.rand(3, generator=seed_everything(5))
     assert torch.equal(first, torch.rand(3, generator=seed_everything(5)))
+
+
+def test_history_records_training_signals(course):
+    row = small_fit(course).rows[-1]
+    assert row["grad_norm"] > 0
+    assert row["update_ratio"] > 0
+    assert 0 <= row["dead_units"] <= 1
+
+
+def test_history_config_records_data_sizes(course):
+    config = small_fit(course).config
+    assert (config["train_classes"], config["val_unseen_classes"]) == (7, 3)
+
+
+def test_custom_loss_replaces_training_and_validation_loss(course):
+    def constant_loss(embeddings, labels):
+        return embeddings.sum() * 0 + 7.0
+
+    history = small_fit(course, loss_fn=constant_loss)
+    assert (history.last("train_loss"), history.last("val_unseen_loss")) == (7.0, 7.0)
+
+
+def test_custom_loss_gets_one_label_per_row(course):
+    shapes = []
+
+    def recording_loss(embeddings, labels):
+        shapes.append((embeddings.shape[0], labels.shape[0]))
+        return embeddings.pow(2).mean()
+
+    small_fit(course, loss_fn=recording_loss, loss="triplet", margin=0.5)
+    assert all(rows == labels for rows, labels in shapes)
+
+
+def test_custom_loss_name_recorded(course):
+    def my_loss(embeddings, labels):
+        return embeddings.pow(2).mean()
+
+    assert small_fit(course, loss_fn=my_loss).config["loss_fn"] == "my_loss"
+
+
+def test_custom_accuracy_replaces_accuracy(course):
+    history = small_fit(course, accuracy_fn=lambda distances, same, threshold: 0.25)
+    assert set(history["val_unseen_acc"]) == {0.25}
