@@ -29,8 +29,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     _add_data_parser(subparsers)
     _add_exercises_parser(subparsers)
+    _add_diagnose_parser(subparsers)
     _add_nightly_parser(subparsers)
     return parser
+
+
+def _add_diagnose_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "diagnose", help="name the likely cause of a flat validation curve from a saved training history",
+        description="Read a history saved by History.save (the per-epoch record that fit returns), print the "
+                    "plateau doctor's findings, most likely first, and optionally save the plots behind them. "
+                    "Exit status: 0 after a report, 2 when the file is missing, not valid JSON or not a history.")
+    parser.add_argument("history", type=Path, metavar="HISTORY.json", help="history file written by History.save")
+    parser.add_argument("--figure", type=Path, metavar="PATH",
+                        help="also save the evidence plots to PATH, in the format its extension names (.png, .svg, "
+                             ".pdf)")
+    parser.set_defaults(handler=_diagnose_command)
+
+
+def _diagnose_command(args: argparse.Namespace) -> int:
+    # Imported here so that the other commands start without the plotting stack.
+    import matplotlib.pyplot as plt
+
+    from labutils import diagnose as plateau_doctor
+
+    try:
+        history = plateau_doctor.load_history(args.history)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    findings = plateau_doctor.diagnose(history)
+    print(plateau_doctor.format_report(findings))
+    if args.figure is not None:
+        figure = plateau_doctor.plot_evidence(history, findings)
+        try:
+            figure.savefig(args.figure, dpi=120)
+        except (OSError, ValueError) as error:
+            print(f"error: the figure could not be saved to {args.figure}: {error}", file=sys.stderr)
+            return EXIT_USAGE_ERROR
+        finally:
+            plt.close(figure)
+        print(f"\nFigure: {args.figure}")
+    return 0
 
 
 def _add_exercises_parser(subparsers: Any) -> None:

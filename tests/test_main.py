@@ -7,6 +7,7 @@ import torchvision
 
 from labutils import __main__ as cli
 from labutils import data, manifest, runner, session
+from labutils.history import History
 from test_data import write_idx_dataset
 
 
@@ -126,3 +127,49 @@ def test_list_shows_damaged(fetched_mnist, capsys):
     images.write_bytes(images.read_bytes()[:1000])
     assert cli.main(["data", "list"]) == 0
     assert "mnist          damaged, " in capsys.readouterr().out
+
+
+@pytest.fixture
+def dead_run_history(tmp_path):
+    """A saved history whose embeddings were all 0 from the first epoch, as a dead final ReLU gives."""
+    history = History(config={"loss": "contrastive", "margin": 1.0, "initial_weight_norm": 21.0})
+    for epoch in (1, 2, 3):
+        history.append({"epoch": epoch, "train_loss": 0.5, "train_auc": 0.5, "val_unseen_auc": 0.5,
+                        "val_unseen_pos_dist": 3e-5, "val_unseen_neg_dist": 3e-5, "val_unseen_emb_norm": 0.0,
+                        "dead_units_layer_max": 1.0, "grad_norm": 0.0, "weight_norm": 21.0})
+    return history.save(tmp_path / "history.json")
+
+
+def test_diagnose_prints_report(dead_run_history, capsys):
+    assert cli.main(["diagnose", str(dead_run_history)]) == 0
+    assert "1. dead_units" in capsys.readouterr().out
+
+
+def test_diagnose_writes_figure(dead_run_history, tmp_path):
+    figure = tmp_path / "evidence.png"
+    cli.main(["diagnose", str(dead_run_history), "--figure", str(figure)])
+    assert figure.stat().st_size > 0
+
+
+def test_diagnose_invalid_json(tmp_path, capsys):
+    path = tmp_path / "history.json"
+    path.write_text('{"rows": [')
+    assert cli.main(["diagnose", str(path)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_diagnose_json_that_is_not_history(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text('{"status": "passed"}')
+    assert cli.main(["diagnose", str(path)]) == 2
+    assert "is not a history" in capsys.readouterr().err
+
+
+def test_diagnose_missing_file(tmp_path, capsys):
+    assert cli.main(["diagnose", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_diagnose_unknown_figure_format(dead_run_history, tmp_path, capsys):
+    assert cli.main(["diagnose", str(dead_run_history), "--figure", str(tmp_path / "evidence.xyz")]) == 2
+    assert "could not be saved" in capsys.readouterr().err
