@@ -431,7 +431,11 @@ def test_workflow_runs_make_nightly() -> None:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_nightly_command() -> None:
-    completed = subprocess.run(["make", "-n", "nightly", "JOBS=2", "NIGHTLY_ARGS=--out runs/nightly"], cwd=REPO_ROOT,
+    # Under `make test` this make is a sub-make: drop the parent's settings so it prints only the commands.
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    completed = subprocess.run(["make", "-n", "--no-print-directory", "nightly", "JOBS=2",
+                                "NIGHTLY_ARGS=--out runs/nightly"], cwd=REPO_ROOT, env=environment,
                                capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     last = completed.stdout.strip().splitlines()[-1]
