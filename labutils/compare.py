@@ -189,7 +189,7 @@ def compare_claims(notebook: str, before: list[dict[str, Any]], after: list[dict
                    stopped: bool = False) -> list[Finding]:
     """Flag claims that held in the reference and now fail or are missing; list claims that now hold or are new.
 
-    `stopped` is True when the notebook did not run to its end, and the reason of a missing claim then says so.
+    `stopped` is True when the notebook did not run to its end, and the reason of a missing claim then states it.
     """
     now = {claim["name"]: claim for claim in after}
     not_recorded = "the notebook stopped before recording it" if stopped else "it was not recorded in this run"

@@ -22,7 +22,7 @@ from labutils.pairs import make_pairs
 
 @dataclass(frozen=True)
 class EmbeddingSpread:
-    """How spread out a set of embeddings is.
+    """Spread of a set of embeddings.
 
     `std` is the per-dimension standard deviation averaged over dimensions, and `norm` the mean L2 norm. A
     collapsed embedding has `std` near 0 whatever its `norm`.
@@ -106,7 +106,7 @@ class ReluActivity:
     def _hook(self, name: str):
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             # Reduce over the batch and, for feature maps, over positions: (B, C, ...) -> (C,). ReLU outputs are
-            # never negative, so a positive sum means some input fired the unit; a sum is about 10 times faster
+            # never negative, so a positive sum means some input fired the unit. A sum is about 10 times faster
             # than amax on channels-last feature maps (measured on an x86 CPU with PyTorch 2.14).
             reduce_dims = [0, *range(2, output.dim())]
             positive = output.detach().sum(dim=reduce_dims) > 0
@@ -152,8 +152,8 @@ def weight_norm(parameters: Iterable[Tensor]) -> float:
 def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor]) -> float:
     """Compute ||after - before|| / ||before|| over all parameters taken together: the relative size of a step.
 
-    `before` holds copies of the parameters taken before an optimizer step and `after` the same parameters
-    after it, in the same order. About 1e-3 per step is the usual healthy range. Returns NaN when `before`
+    `before` contains copies of the parameters taken before an optimizer step and `after` the same parameters
+    after it, in the same order. A common rule of thumb puts a healthy step near 1e-3. Returns NaN when `before`
     is all zeros.
     """
     if len(before) != len(after):
@@ -253,8 +253,8 @@ def duplicate_images(first: Tensor, second: Tensor) -> int:
 def blank_fraction(images: Tensor, tolerance: float = 1e-6) -> float:
     """Return the fraction of images (N, ...) whose pixels all have the same value (std <= `tolerance`).
 
-    A blank image is what a failed file read or a wrong normalisation usually produces; every blank image of
-    a split gets the same embedding, so pairs of blank images have distance 0 whatever their labels.
+    A failed file read or a wrong normalisation usually produces blank images. Every blank image of a split
+    gets the same embedding, so pairs of blank images have distance 0 whatever their labels.
     """
     if images.dim() < 2 or images.shape[0] == 0:
         raise ValueError(f"images must have shape (N, ...) with N >= 1, got {tuple(images.shape)}.")

@@ -14,7 +14,7 @@ from typing import Any
 class History:
     """Per-epoch rows (`epoch`, `train_loss`, `val_unseen_auc`, ...) plus the run's settings.
 
-    `stopped` holds the reason when training ended early (for example a NaN loss), otherwise None.
+    `stopped` is the reason when training ended early (for example a NaN loss), otherwise None.
     """
 
     config: dict[str, Any] = field(default_factory=dict)

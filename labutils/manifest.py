@@ -54,7 +54,7 @@ class Problem:
 
 
 def dataset_folder(name: str, root: data.PathLike | None = None) -> Path:
-    """Return the folder that holds the files of data set `name` (not `digits`, which ships with scikit-learn)."""
+    """Return the folder that contains the files of data set `name` (not `digits`, which ships with scikit-learn)."""
     folder = data.resolve_data_dir(root)
     if name == "omniglot":
         return folder / "omniglot-py"

@@ -378,10 +378,10 @@ def render_html(executed: Path, target: Path, out_dir: Path) -> str | None:
 def _execute(notebook: Path, executed: Path, parameters: dict[str, Any], timeout: float | None) -> str | None:
     """Run papermill, starting the kernel again when it failed before any cell ran; return None or the error.
 
-    jupyter_client picks a kernel's TCP ports by binding and releasing them, so a kernel started at the same
-    moment by another process (a parallel notebook, or any other Jupyter user of the machine) can take a port
-    first, and the new kernel dies with "ZMQError: Address already in use" before it runs a cell. No notebook
-    code has run then, so starting again is safe.
+    jupyter_client picks a kernel's TCP ports by binding and releasing them. A kernel started at the same moment
+    by another process (a parallel notebook, or another Jupyter user of the machine) can take a port first. The
+    new kernel then dies with "ZMQError: Address already in use" before it runs a cell. No notebook code has run
+    then, so starting again is safe.
     """
     for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
         error = _execute_once(notebook, executed, parameters, timeout)

@@ -1,7 +1,7 @@
 """Seeding, device choice and the training loop (`fit`) shared by every notebook (written out in notebook 02).
 
 Data stay resident as tensors on the device and batches are index tensors, so no DataLoader sits between the
-model and the data; this keeps small-image training fast on a CPU.
+model and the data. This keeps small-image training fast on a CPU.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ class EvalSet:
 
     def loss(self, embeddings: torch.Tensor, distances: torch.Tensor, config: TrainConfig,
              loss_fn: LossFn | None = None) -> float:
-        """The training loss evaluated on these fixed pairs or triplets."""
+        """Compute the training loss on these fixed pairs or triplets."""
         if loss_fn is not None and self.labels is not None:
             return self._custom_loss(embeddings, config.batch_size, loss_fn)
         if self.triplets is None:

@@ -126,7 +126,7 @@ def test_unsolved_copy_raises_only_stub():
 
 def test_solved_copy_runs_checks():
     student = make_student_notebook(SMALL)
-    student.cells[2].source = "square = base ** 2"  # the learner's answer
+    student.cells[2].source = "square = base ** 2"  # the learner's solution
     printed, errors = run_cells(student)
     assert errors == []
     assert "uses doubled 8" in printed
