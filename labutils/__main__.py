@@ -1,5 +1,6 @@
 """Command line of the course: `python -m labutils run ...` executes the notebooks headless, `data` manages the
-data sets and `exercises` writes the student copies of the notebooks.
+data sets, `exercises` writes the student copies of the notebooks, `diagnose` reads a training history,
+`nightly` runs and compares the course, and `bench` times the training path.
 
 Exit status: 0 when every notebook passed, 1 when a notebook failed or one of its claims did not hold, 2 for
 invalid arguments.
@@ -31,7 +32,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_exercises_parser(subparsers)
     _add_diagnose_parser(subparsers)
     _add_nightly_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
+
+
+def _add_bench_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time the course's training path against a naive per-sample pipeline",
+        description="Train the same encoder on the same pairs twice, each in its own process: once the naive way "
+                    "(a Dataset of explicit pairs, per-sample torchvision transforms, a DataLoader) and once the "
+                    "way the course does it (resident tensors, batched augmentation, one forward pass). Print "
+                    "images per second, epoch time, peak memory, the speed-up, and the fast path's GFLOP/s as a "
+                    "fraction of a matrix-multiply peak measured in the same run. Run it on a quiet machine.")
+    parser.add_argument("--capacity", choices=("small", "classic", "large"), default="small",
+                        help="encoder to train (default: small, the one the lever notebooks train)")
+    parser.add_argument("--pairs", type=int, default=2048, metavar="N", help="pairs per epoch (default: 2048)")
+    parser.add_argument("--epochs", type=int, default=2, metavar="N", help="epochs per variant (default: 2)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to PATH as JSON")
+    parser.set_defaults(handler=_bench_command)
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    import json
+
+    from labutils import bench
+
+    if args.pairs < bench.BATCH_SIZE or args.epochs < 1:
+        print(f"error: --pairs must be at least {bench.BATCH_SIZE} (one batch) and --epochs at least 1, got "
+              f"--pairs {args.pairs} --epochs {args.epochs}.", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    figures = bench.benchmark(args.pairs, args.epochs, args.capacity)
+    print(bench.format_benchmark(figures))
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"Figures: {args.json}")
+    return 0
 
 
 def _add_diagnose_parser(subparsers: Any) -> None:

@@ -35,6 +35,7 @@ CAUSES = {
     "metric_threshold": NOTEBOOKS["03"],
     "metric_shape": NOTEBOOKS["03"],
     "memorization": NOTEBOOKS["08"],
+    "noisy_labels": NOTEBOOKS["08"],
     "too_few_identities": NOTEBOOKS["08"],
     "margin_unreachable": NOTEBOOKS["04"],
     "regularization_too_strong": NOTEBOOKS["06"],
@@ -414,6 +415,13 @@ def _best_accuracy_for(auc: float) -> float:
 # Train-minus-val_seen AUC above which held-out images of the training classes are no longer recognised.
 # Healthy digit runs measured at most 0.035.
 SEEN_GAP = 0.08
+# val_seen loss over training loss above which the training pairs are fitted far better than held-out images of
+# the same classes. Healthy digit runs measured 1.1-2.8 (40 or all images per class); five training images per
+# class drove the training loss to 0 while the held-out loss stayed at 0.14-0.17, a ratio above 1000.
+SEEN_LOSS_RATIO = 10.0
+# With that loss ratio, the AUC gap that must come with it, so that a loss ratio alone (both losses near 0,
+# held-out AUC at 1) is not blamed. Healthy runs measured a gap of at most 0.03; five images per class 0.03-0.06.
+SEEN_GAP_WITH_LOSS = 0.02
 # val_seen-minus-val_unseen AUC above which new identities are far worse than new images of known ones.
 UNSEEN_GAP = 0.15
 # Training classes below which an unseen gap is blamed on the identities with confidence. Digit runs on the
@@ -423,17 +431,63 @@ FEW_IDENTITIES = 5
 
 
 def check_memorization(run: RunSignals, probe: Probe | None) -> Finding | None:
-    """Detect training pairs ranked far better than new images of the same classes: memorised images."""
+    """Detect training pairs fitted far better than new images of the same classes: memorised images.
+
+    Two signs count: the AUC gap between training pairs and held-out images of the training classes, and the
+    ratio of their losses, which stays large even when the held-out AUC is too close to 1 to show a gap.
+    """
     if not run.has("train_auc", "val_seen_auc"):
         return None
     gap = run.last("train_auc") - run.last("val_seen_auc")
-    if math.isnan(gap) or gap < SEEN_GAP:
+    ratio = _seen_loss_ratio(run)
+    confidence = 0.0
+    if not math.isnan(gap) and gap >= SEEN_GAP:
+        confidence = ramp(gap, SEEN_GAP, 0.3, low=0.6, high=0.92)
+    if ratio >= SEEN_LOSS_RATIO and not math.isnan(gap) and gap >= SEEN_GAP_WITH_LOSS:
+        # A hinge loss reaches exactly 0 on training pairs easily, so the ratio says little about how much is
+        # lost; the AUC gap grades it, and stays below a strong finding such as too few identities.
+        confidence = max(confidence, ramp(gap, SEEN_GAP_WITH_LOSS, SEEN_GAP, low=0.55, high=0.75))
+    if confidence == 0.0:
         return None
-    return finding("memorization", ramp(gap, SEEN_GAP, 0.3, low=0.6, high=0.92),
-                   {"seen_gap": gap, "train_auc": run.last("train_auc"), "val_seen_auc": run.last("val_seen_auc"),
+    return finding("memorization", confidence,
+                   {"seen_gap": gap, "seen_loss_ratio": ratio, "train_auc": run.last("train_auc"),
+                    "val_seen_auc": run.last("val_seen_auc"),
                     "train_images": float(run.config.get("train_images", math.nan))},
                    "The network recognises its training images but not new images of the same classes. Add "
                    "images per class or augmentation, shrink the network or stop earlier.")
+
+
+def _seen_loss_ratio(run: RunSignals) -> float:
+    """val_seen loss over training loss at the last epoch; NaN without both columns or for a negative loss."""
+    if not run.has("train_loss", "val_seen_loss"):
+        return math.nan
+    train, held_out = run.last("train_loss"), run.last("val_seen_loss")
+    if math.isnan(train) or math.isnan(held_out) or train < 0 or held_out <= 0:
+        return math.nan
+    # A training loss of exactly 0 (every pair beyond the margin) makes the ratio as large as it can be.
+    return held_out / max(train, held_out * 1e-6)
+
+
+# val_seen-minus-train AUC above which the training pairs are ranked worse than held-out pairs of the same
+# classes. Training pairs take their labels from the training split, so wrong labels there, and only there, make
+# the network look worse on data it was trained on. Healthy digit runs measured -0.03 to 0 (training never
+# behind); 40% of training labels made wrong (20 images per class) gave 0.11 to 0.15.
+NOISY_GAP = 0.05
+
+
+def check_noisy_labels(run: RunSignals, probe: Probe | None) -> Finding | None:
+    """Detect training pairs ranked worse than held-out pairs of the same classes: wrong training labels."""
+    if not run.has("train_auc", "val_seen_auc"):
+        return None
+    gap = run.last("val_seen_auc") - run.last("train_auc")
+    if math.isnan(gap) or gap < NOISY_GAP:
+        return None
+    return finding("noisy_labels", ramp(gap, NOISY_GAP, 0.2, low=0.6, high=0.9),
+                   {"val_seen_auc": run.last("val_seen_auc"), "train_auc": run.last("train_auc"),
+                    "noisy_gap": gap},
+                   "Held-out pairs rank better than the training pairs they should trail: some training labels are "
+                   "probably wrong. Look at the training pairs the model ranks worst, fix or drop their labels, and "
+                   "compare with a run on a cleaned subset.")
 
 
 def check_too_few_identities(run: RunSignals, probe: Probe | None) -> Finding | None:
@@ -629,9 +683,9 @@ def check_blank_inputs(run: RunSignals, probe: Probe | None) -> Finding | None:
 
 RULES: tuple[Rule, ...] = (
     check_collapse, check_dead_units, check_lr_too_high, check_lr_too_low, check_metric_shape,
-    check_metric_threshold, check_label_convention, check_memorization, check_too_few_identities,
-    check_margin_unreachable, check_regularization, check_mining_artifact, check_eval_mode, check_leakage,
-    check_blank_inputs,
+    check_metric_threshold, check_label_convention, check_memorization, check_noisy_labels,
+    check_too_few_identities, check_margin_unreachable, check_regularization, check_mining_artifact,
+    check_eval_mode, check_leakage, check_blank_inputs,
 )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from labutils.augment import Augmentation, augment
 from labutils.data import CourseData, Split
 from labutils.diagnostics import ReluActivity, embedding_spread, gradient_norm, update_ratio, weight_norm
 from labutils.history import History
@@ -56,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_pairs: int = 1000
     seed: int = 0
+    augment: float = 0.0  # strength of the batched training augmentation (labutils.augment); 0 turns it off
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, LOSSES)
@@ -70,6 +72,9 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}.")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay}.")
+        if self.augment < 0:
+            raise ValueError(f"augment must be 0 or more, got {self.augment}: 0 turns augmentation off, 1 is the "
+                             "default strength.")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -197,8 +202,9 @@ def train_one_epoch(model: nn.Module, split: Split, images: torch.Tensor, config
     parameters = [p for p in model.parameters() if p.requires_grad]
     num_steps = math.ceil(batches[0].numel() / config.batch_size)
     total, count, grad_norms, ratio = 0.0, 0, [], math.nan
+    transform = _augmenter(config, generator)
     for step, batch in enumerate(zip(*(b.split(config.batch_size) for b in batches)), start=1):
-        loss = batch_loss(model, images, batch, config, loss_fn, split.labels)
+        loss = batch_loss(model, images, batch, config, loss_fn, split.labels, transform)
         if not torch.isfinite(loss):
             return EpochResult(_mean(total, count), (
                 f"Training stopped at epoch {epoch}, step {step}: the loss became {loss.item()}. The learning rate "
@@ -218,27 +224,34 @@ def train_one_epoch(model: nn.Module, split: Split, images: torch.Tensor, config
 
 
 def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor, ...], config: TrainConfig,
-               loss_fn: LossFn | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+               loss_fn: LossFn | None = None, labels: torch.Tensor | None = None,
+               transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Return the loss of one batch of pair indices `(left, right, same)` or triplet indices `(a, p, n)`.
 
     With `loss_fn`, the embeddings of the batch's images and their class `labels` (indexed like `images`) go to
-    it instead, laid out as `LossFn` describes.
+    it instead, laid out as `LossFn` describes. `transform`, when given, augments the batch's images first.
     """
     device = images.device
+    rows = torch.cat(batch[:2] if config.loss == "contrastive" else batch).to(device)
+    # One forward pass over every image of the batch keeps Python overhead low and batch statistics shared.
+    inputs = images[rows] if transform is None else transform(images[rows])
+    embeddings = model(inputs)
     if loss_fn is not None:
         if labels is None:
             raise ValueError("batch_loss got a loss_fn but no labels: pass the class labels of `images`.")
-        rows = torch.cat(batch[:2] if config.loss == "contrastive" else batch)
-        return loss_fn(model(images[rows.to(device)]), labels[rows].to(device))
+        return loss_fn(embeddings, labels.to(device)[rows])
     if config.loss == "contrastive":
-        left, right, same = batch
-        # One forward pass over both sides keeps batch statistics shared and halves the Python overhead.
-        embeddings = model(images[torch.cat([left, right]).to(device)])
         left_emb, right_emb = embeddings.chunk(2)
-        return contrastive_loss(left_emb, right_emb, same.to(device), margin=config.margin)
-    anchor, positive, negative = batch
-    embeddings = model(images[torch.cat([anchor, positive, negative]).to(device)])
+        return contrastive_loss(left_emb, right_emb, batch[2].to(device), margin=config.margin)
     return triplet_loss(*embeddings.chunk(3), margin=config.margin)
+
+
+def _augmenter(config: TrainConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Return the training augmentation of `config`, drawing from `generator`, or None when it is off."""
+    if config.augment == 0:
+        return None
+    settings = Augmentation.at_strength(config.augment)
+    return lambda batch: augment(batch, settings, generator)
 
 
 @torch.inference_mode()

@@ -9,8 +9,8 @@ from labutils.plateau_rules import (FEW_IDENTITIES, REPORT_CONFIDENCE, UPDATE_RA
                                     check_blank_inputs, check_collapse, check_dead_units, check_eval_mode,
                                     check_label_convention, check_leakage, check_lr_too_high, check_lr_too_low,
                                     check_margin_unreachable, check_memorization, check_metric_shape,
-                                    check_metric_threshold, check_mining_artifact, check_regularization,
-                                    check_too_few_identities, healthy_finding, ramp)
+                                    check_metric_threshold, check_mining_artifact, check_noisy_labels,
+                                    check_regularization, check_too_few_identities, healthy_finding, ramp)
 
 
 def signals(config=None, settings=None, stopped=None, **columns):
@@ -44,8 +44,8 @@ def healthy_run(**changes):
 
 
 ALL_RULES = (check_collapse, check_dead_units, check_lr_too_high, check_lr_too_low, check_metric_shape,
-             check_metric_threshold, check_label_convention, check_memorization, check_too_few_identities,
-             check_margin_unreachable, check_regularization, check_mining_artifact)
+             check_metric_threshold, check_label_convention, check_memorization, check_noisy_labels,
+             check_too_few_identities, check_margin_unreachable, check_regularization, check_mining_artifact)
 
 
 @pytest.mark.parametrize("rule", ALL_RULES, ids=lambda rule: rule.__name__)
@@ -274,3 +274,47 @@ def test_missing_columns_are_skipped():
 
 def test_nan_loss_counts_as_divergence():
     assert signals(train_loss=[0.5, math.nan]).diverged
+
+
+# ---- memorisation seen in the losses, and noisy labels -------------------------------------------------------
+
+
+def memorizing_run(val_seen_auc, train_loss_last=1e-5):
+    """Training pairs fitted to a loss near 0 while held-out images of the same classes keep a loss of 0.15."""
+    return healthy_run(train_loss=[0.03, 0.001, 1e-4, train_loss_last], train_auc=[1.0] * 4,
+                       val_seen_loss=[0.13, 0.15, 0.16, 0.15], val_seen_auc=[val_seen_auc] * 4)
+
+
+def test_memorization_from_loss_ratio_below_auc_gap():
+    # An AUC gap of 0.05 alone is below SEEN_GAP; the held-out loss 15000 times the training loss reveals it.
+    assert check_memorization(memorizing_run(0.95), None).evidence["seen_loss_ratio"] == pytest.approx(15000)
+
+
+def test_memorization_from_loss_ratio_is_reported():
+    assert check_memorization(memorizing_run(0.95), None).confidence >= REPORT_CONFIDENCE
+
+
+def test_memorization_ratio_with_zero_training_loss():
+    assert check_memorization(memorizing_run(0.95, train_loss_last=0.0), None).evidence["seen_loss_ratio"] == 1e6
+
+
+def test_loss_ratio_without_auc_gap_is_not_memorization():
+    # Both losses near 0 and held-out pairs ranked perfectly: nothing is lost on new images.
+    assert check_memorization(memorizing_run(0.995), None) is None
+
+
+def test_loss_ratio_finding_stays_below_auc_gap_finding():
+    by_loss = check_memorization(memorizing_run(0.95), None).confidence
+    by_gap = check_memorization(memorizing_run(0.75), None).confidence
+    assert by_loss < by_gap
+
+
+def test_noisy_labels_when_training_pairs_rank_below_held_out():
+    run = healthy_run(train_auc=[0.74, 0.75, 0.76, 0.76], val_seen_auc=[0.88, 0.9, 0.9, 0.9])
+    finding = check_noisy_labels(run, None)
+    assert (finding.cause, finding.evidence["noisy_gap"]) == ("noisy_labels", pytest.approx(0.14))
+
+
+def test_noisy_labels_silent_at_threshold_edge():
+    run = healthy_run(train_auc=[0.9] * 4, val_seen_auc=[0.94] * 4)
+    assert check_noisy_labels(run, None) is None

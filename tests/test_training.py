@@ -67,6 +67,7 @@ def test_scheduler_is_stepped(course):
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"lr": -1.0}, "lr must be positive"),
     ({"weight_decay": -0.1}, "weight_decay"),
+    ({"augment": -1.0}, "augment must be 0 or more"),
 ])
 def test_config_rejects(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -136,3 +137,23 @@ def test_custom_loss_name_recorded(course):
 def test_custom_accuracy_replaces_accuracy(course):
     history = small_fit(course, accuracy_fn=lambda distances, same, threshold: 0.25)
     assert set(history["val_unseen_acc"]) == {0.25}
+
+
+def test_augmentation_changes_training(course):
+    assert small_fit(course, augment=1.0)["train_loss"] != small_fit(course)["train_loss"]
+
+
+def test_augmented_training_repeats(course):
+    first, second = small_fit(course, augment=1.0), small_fit(course, augment=1.0)
+    assert first["train_loss"] == second["train_loss"]
+
+
+def test_augmentation_leaves_evaluation_images_alone(course, monkeypatch):
+    # Augmentation is a training-time transform: evaluation must score the images as they are.
+    import labutils.training as training
+
+    seen = []
+    original = training.augment
+    monkeypatch.setattr(training, "augment", lambda images, *args: seen.append(len(images)) or original(images, *args))
+    small_fit(course, augment=1.0, epochs=1)
+    assert seen and max(seen) <= 2 * 64
