@@ -339,6 +339,10 @@ EXACT_HALF = 1e-9
 ACCURACY_SHORTFALL = 0.25
 # Training AUC at or below this, after training, means the model could not even rank its training pairs.
 TRAIN_AUC_CHANCE = 0.6
+# A training AUC that fell by this much from its best epoch and ended at or below TRAIN_AUC_FALLEN is a model
+# unlearning its start: healthy runs only rise there.
+TRAIN_AUC_FALL = 0.05
+TRAIN_AUC_FALLEN = 0.7
 
 
 def check_metric_shape(run: RunSignals, probe: Probe | None) -> Finding | None:
@@ -386,16 +390,24 @@ def check_label_convention(run: RunSignals, probe: Probe | None) -> Finding | No
     """Detect training pairs ranked at chance although the weights move and have not collapsed: flipped labels."""
     if not run.has("train_auc"):
         return None
-    auc = max(run.series("train_auc"), default=math.nan)
+    # The last epoch counts, not the best: an untrained encoder already ranks digit pairs above chance (about
+    # 0.6-0.7), and a flipped loss takes an epoch or two to undo that.
+    series = run.series("train_auc")
+    if not series:
+        return None
+    auc, peak = series[-1], max(series)
     spread = _spread(run, probe)
     ratios = sorted(run.series("update_ratio"))
     moving = not ratios or ratios[len(ratios) // 2] >= UPDATE_RATIO_LOW
-    if math.isnan(auc) or auc > TRAIN_AUC_CHANCE or not moving or spread < COLLAPSE_SPREAD:
+    falling = peak - auc >= TRAIN_AUC_FALL and auc <= TRAIN_AUC_FALLEN
+    if math.isnan(auc) or (auc > TRAIN_AUC_CHANCE and not falling) or not moving or spread < COLLAPSE_SPREAD:
         return None
-    evidence = {"train_auc_max": auc, "val_unseen_auc": run.last("val_unseen_auc"), "pair_spread": spread}
+    evidence = {"train_auc": auc, "train_auc_max": peak, "val_unseen_auc": run.last("val_unseen_auc"),
+                "pair_spread": spread}
     if run.has("train_pos_dist", "train_neg_dist"):
         evidence["train_pos_minus_neg_dist"] = run.last("train_pos_dist") - run.last("train_neg_dist")
-    return finding("label_convention", ramp(auc, TRAIN_AUC_CHANCE, 0.3, low=0.75, high=0.95), evidence,
+    return finding("label_convention", ramp(min(auc, TRAIN_AUC_CHANCE), TRAIN_AUC_CHANCE, 0.3, low=0.75, high=0.95),
+                   evidence,
                    "The weights move but even training pairs are ranked at chance or inverted: the loss pulls "
                    "apart the pairs it should pull together. Check that the loss and the labels use the same "
                    "convention (here same = 1) and that a score used as a similarity is not a distance.")

@@ -157,6 +157,16 @@ def test_training_pairs_at_chance():
     assert check_label_convention(healthy_run(train_auc=[0.52] * 4), None).cause == "label_convention"
 
 
+def test_training_auc_unlearned_from_its_start():
+    # An untrained encoder ranks digit pairs at about 0.65; a flipped loss drags that down over the epochs.
+    run = healthy_run(train_auc=[0.68, 0.65, 0.63, 0.62])
+    assert check_label_convention(run, None).cause == "label_convention"
+
+
+def test_training_auc_flat_above_chance_is_not_flipped():
+    assert check_label_convention(healthy_run(train_auc=[0.64, 0.65, 0.64, 0.65]), None) is None
+
+
 def test_chance_pairs_without_updates():
     run = healthy_run(train_auc=[0.52] * 4, update_ratio=[1e-6] * 4)
     assert check_label_convention(run, None) is None
