@@ -7,7 +7,8 @@ same notebooks rendered by nbconvert for browsing), `results/`, `results.json`, 
 
 results.json is rewritten after every notebook, so a run that is interrupted or killed keeps the entries of the
 notebooks that finished, and `resume_course` later runs only the notebooks without an entry. With `jobs` above 1
-the notebooks run in parallel, each in its own worker process and kernel.
+the notebooks run in parallel, each in its own worker process and kernel; a notebook marked in its metadata as a
+reader of the others' results (`{"labutils": {"reads_results": true}}`) starts after all of them.
 """
 
 from __future__ import annotations
@@ -172,19 +173,40 @@ def _execute_notebooks(notebooks: list[Path], out_dir: Path, parameters: dict[st
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker,
                                    initargs=(environment, logging.getLogger().getEffectiveLevel()))
+    # A notebook that reads the results of other notebooks starts once every other notebook has finished, so a
+    # parallel run records the same results as a sequential one.
+    later = [notebook for notebook in notebooks if reads_other_results(notebook)]
+    first = [notebook for notebook in notebooks if notebook not in later]
     try:
-        futures = {executor.submit(run_notebook, notebook, out_dir, parameters, timeout): notebook
-                   for notebook in notebooks}
-        for future in as_completed(futures):
-            try:
-                yield future.result()
-            except BrokenProcessPool as error:
-                notebook = futures[future]
-                logger.error("The worker process running %s stopped: %s", notebook.name, error)
-                yield _entry_without_execution(notebook, out_dir, f"{type(error).__name__}: the worker process "
-                                               "running this notebook stopped (killed, or out of memory)")
+        for wave in (first, later):
+            futures = {}
+            for notebook in wave:
+                try:
+                    futures[executor.submit(run_notebook, notebook, out_dir, parameters, timeout)] = notebook
+                except BrokenProcessPool as error:  # a worker of the first wave was killed
+                    yield _stopped_worker_entry(notebook, out_dir, error)
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except BrokenProcessPool as error:
+                    yield _stopped_worker_entry(futures[future], out_dir, error)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _stopped_worker_entry(notebook: Path, out_dir: Path, error: BrokenProcessPool) -> dict[str, Any]:
+    logger.error("The worker process running %s stopped: %s", notebook.name, error)
+    return _entry_without_execution(notebook, out_dir, f"{type(error).__name__}: the worker process running this "
+                                    "notebook stopped (killed, or out of memory)")
+
+
+def reads_other_results(notebook: Path) -> bool:
+    """Return True when the metadata of `notebook` sets `labutils.reads_results`: it reads what others recorded."""
+    try:
+        metadata = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, json.JSONDecodeError):
+        return False  # papermill reports an unreadable notebook when it runs it
+    return bool(metadata.get("labutils", {}).get("reads_results"))
 
 
 def _start_worker(environment: dict[str, str], log_level: int) -> None:
@@ -502,11 +524,26 @@ def environment_info() -> dict[str, Any]:
         "papermill": _version("papermill"),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_vector_units": _cpu_vector_units(),
         "cuda_available": cuda_available,
         "cuda_device": torch.cuda.get_device_name(0) if cuda_available else None,
         "kernel_command": kernel_command(),
         "load_average": _load_average(),
     }
+
+
+def _cpu_vector_units() -> list[str] | None:
+    """Return the CPU's AVX and AMX feature flags on Linux, None elsewhere.
+
+    Kernels for different vector units round differently, so the same run on another CPU generation gives
+    slightly different metrics; this field lets a comparison name that cause.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return sorted(flag for flag in set(flags) if flag.startswith(("avx", "amx")))
 
 
 def _load_average() -> list[float] | None:

@@ -126,6 +126,7 @@ def test_run_results_json_fields(run: dict[str, Any]) -> None:
     # Each time is rounded to 0.01 s, so the sum may exceed the total by that much per notebook.
     assert run["seconds"] >= sum(e["seconds"] for e in run["notebooks"]) - 0.01 * len(run["notebooks"])
     assert run["environment"]["cpu_count"] >= 1
+    assert run["environment"]["cpu_vector_units"] is None or isinstance(run["environment"]["cpu_vector_units"], list)
     assert run["environment"]["papermill"] is not None
 
 
@@ -300,3 +301,36 @@ def test_cli_unknown_number(course: Path, tmp_path: Path) -> None:
     completed = run_cli("--notebooks", "9", "--notebooks-dir", str(course), "--out", str(tmp_path / "run"))
     assert completed.returncode == 2
     assert "Notebook number '9' not found" in completed.stderr
+
+
+WRITER = """import time
+from labutils.record import Recorder
+
+time.sleep(2)
+Recorder("00_writer", RESULTS_DIR).metric("written", 1.0)
+"""
+
+READER = """from pathlib import Path
+from labutils.record import Recorder
+
+found = (Path(RESULTS_DIR) / "00_writer.json").exists()
+Recorder("01_reader", RESULTS_DIR).metric("writer_results_found", float(found))
+"""
+
+
+def test_parallel_run_starts_a_results_reader_last(tmp_path: Path) -> None:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder / "00_writer.ipynb", [WRITER])
+    write_notebook(folder / "01_reader.ipynb", [READER])
+    reader = nbformat.read(folder / "01_reader.ipynb", as_version=4)
+    reader.metadata["labutils"] = {"reads_results": True}
+    nbformat.write(reader, folder / "01_reader.ipynb")
+    assert runner.reads_other_results(folder / "01_reader.ipynb")
+    assert not runner.reads_other_results(folder / "00_writer.ipynb")
+
+    results = runner.run_course(profile="smoke", out=tmp_path / "run", notebooks_dir=folder, jobs=2)
+
+    recorded = json.loads((tmp_path / "run" / "results" / "01_reader.json").read_text())
+    assert results["status"] == "passed"
+    assert [metric["value"] for metric in recorded["metrics"]] == [1.0]
