@@ -25,6 +25,15 @@ def test_smoke_does_not_enforce_claims(tmp_path):
     assert not session.start("00_demo", "smoke", "digits", "cpu", 0, tmp_path).recorder.enforce_claims
 
 
+def test_claims_enforced_on_digits_only(tmp_path, capsys):
+    assert session.start("00_demo", "quick", "digits", "cpu", 0, tmp_path).recorder.enforce_claims
+    lab = session.start("00_demo", "quick", "omniglot", "cpu", 0, tmp_path)
+    assert not lab.recorder.enforce_claims
+    assert "Claims were measured on digits: on omniglot they are recorded" in capsys.readouterr().out
+    lab.recorder.check("auc_above_chance", 0.4, ">", 0.5, claim="AUC beats chance.")  # recorded, no exception
+    assert lab.recorder.data["claims"][-1]["holds"] is False
+
+
 def test_env_overrides_profile_and_results(tmp_path, monkeypatch):
     monkeypatch.setenv(PROFILE_ENV_VAR, "smoke")
     monkeypatch.setenv(session.RESULTS_ENV_VAR, str(tmp_path / "elsewhere"))
