@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
-from pytorch_metric_learning.distances import LpDistance
 
 from labutils.losses import (
     ContrastiveLoss,
@@ -21,6 +18,8 @@ from labutils.losses import (
     triplet_loss,
 )
 
+from loops import euclidean, loop_valid_triplets, pml_distance
+
 DTYPES = [torch.float32, torch.float64]
 
 # Hand-written 2-D embeddings with easy distances: (0,0)-(3,4) is 5, (0,0)-(0.3,0.4) is 0.5.
@@ -33,29 +32,12 @@ BATCH_POINTS = [(0.0, 0.0), (0.5, 0.0), (0.0, 1.2), (1.0, 0.0), (1.0, 0.4), (3.0
 BATCH_LABELS = [0, 0, 0, 1, 1, 1, 2]
 
 
-def euclidean(p: tuple[float, ...], q: tuple[float, ...]) -> float:
-    return math.sqrt(sum((a - b) ** 2 for a, b in zip(p, q)))
-
-
 def loop_contrastive(left, right, same, margin):
     terms = []
     for p, q, s in zip(left, right, same):
         d = euclidean(p, q)
         terms.append(d ** 2 if s == 1 else max(0.0, margin - d) ** 2)
     return terms
-
-
-def loop_valid_triplets(labels):
-    for a in range(len(labels)):
-        for p in range(len(labels)):
-            for n in range(len(labels)):
-                if a != p and labels[a] == labels[p] and labels[a] != labels[n]:
-                    yield a, p, n
-
-
-def pml_distance() -> LpDistance:
-    # Plain, non-squared Euclidean distance on the raw embeddings, the distance labutils.losses uses.
-    return LpDistance(normalize_embeddings=False, p=2, power=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
