@@ -536,7 +536,7 @@ def _cpu_vector_units() -> list[str] | None:
     """Return the CPU's AVX and AMX feature flags on Linux, None elsewhere.
 
     Kernels for different vector units round differently, so the same run on another CPU generation gives
-    slightly different metrics; this field lets a comparison name that cause.
+    slightly different metrics. This field lets a comparison name that cause.
     """
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")

@@ -55,8 +55,8 @@ def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
     context = {"profile": chosen.name, "dataset": dataset, "device": str(torch_device), "seed": seed,
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     results_dir = os.environ.get(RESULTS_ENV_VAR) or results_dir
-    # The claims' thresholds were measured on digits; on other data a claim that fails is a finding to read, so
-    # it is recorded without stopping the notebook.
+    # The claims' thresholds were measured on digits. On other data a failing claim is a finding to read, so it
+    # is recorded without stopping the notebook.
     enforce_claims = chosen.claims and dataset == CLAIMS_DATASET
     recorder = Recorder(notebook, Path(results_dir), enforce_claims=enforce_claims, context=context)
     print(f"Profile {chosen.name}, dataset {dataset}, seed {seed}")

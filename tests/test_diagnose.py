@@ -458,8 +458,8 @@ def test_batch_hard_high_lr(batch_hard_high_lr_run):
 def test_batch_hard_high_lr_first_epoch_at_margin(batch_hard_high_lr_run):
     # Collapsed embeddings make every hardest positive and negative equally far, so each anchor costs the margin.
     # The weights then blow up and the loss leaves the margin in the second epoch. The first epoch's mean also
-    # holds the steps where the loss starts to fall, which CPUs with different vector units round differently:
-    # 0.455-0.5 measured.
+    # includes the steps where the loss starts to fall, which CPUs with different vector units round
+    # differently: 0.455-0.5 measured.
     first, second = batch_hard_high_lr_run["train_loss"][:2]
     assert first == pytest.approx(0.5, abs=0.1)
     assert second < 0.25

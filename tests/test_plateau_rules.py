@@ -127,7 +127,7 @@ def test_tiny_updates_with_falling_loss_are_fine():
     assert check_lr_too_low(healthy_run(update_ratio=[UPDATE_RATIO_LOW / 10] * 4), None) is None
 
 
-def test_tiny_updates_on_a_loss_already_at_zero_are_fine():
+def test_tiny_updates_at_zero_loss_are_fine():
     # A batch-hard run that met every margin in its first epoch: the gradients vanish, the learning rate is fine.
     run = healthy_run(update_ratio=[3e-11] * 4, train_loss=[0.0, 0.0, 0.0, 0.0], train_auc=[1.0] * 4)
     assert check_lr_too_low(run, None) is None
