@@ -58,10 +58,7 @@ def semi_hard_triplets(embeddings: Tensor, labels: Tensor, margin: float) -> tup
     _check_labels(embeddings, labels)
     _check_margin(margin)
     with torch.no_grad():
-        distances = distance_matrix(embeddings)
-        # gap[a, p, n] = d(a, n) - d(a, p)
-        gap = distances.unsqueeze(1) - distances.unsqueeze(2)
-        mined = valid_triplets(labels) & (gap > 0) & (gap <= margin)
+        mined = _semi_hard_mask(distance_matrix(embeddings), labels, margin)
     anchor_idx, positive_idx, negative_idx = mined.nonzero(as_tuple=True)
     return anchor_idx, positive_idx, negative_idx
 
@@ -73,12 +70,27 @@ def semi_hard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 1
     model ranks: it measures the triplets still being worked on, not progress. A batch without a semi-hard
     triplet returns an explicit zero. embeddings: (B, D). labels: (B,). Returns a 0-d tensor.
     """
-    anchor_idx, positive_idx, negative_idx = semi_hard_triplets(embeddings, labels, margin)
-    if anchor_idx.numel() == 0:
+    _check_embeddings(embeddings=embeddings)
+    _check_labels(embeddings, labels)
+    _check_margin(margin)
+    distances = distance_matrix(embeddings)
+    with torch.no_grad():
+        mined = _semi_hard_mask(distances, labels, margin)
+    count = int(mined.sum())
+    if count == 0:
         return _zero_loss(embeddings)
-    d_ap = pairwise_distance(embeddings[anchor_idx], embeddings[positive_idx])
-    d_an = pairwise_distance(embeddings[anchor_idx], embeddings[negative_idx])
-    return torch.clamp(d_ap - d_an + margin, min=0).mean()
+    # A masked mean over the dense (B, B, B) table replaces a gather of the mined rows. The backward pass of a
+    # gather adds thousands of triplet gradients into B rows in a thread-dependent order, so two identical runs
+    # would drift apart. The dense form gives the same loss with a reproducible gradient.
+    hinge = torch.clamp(distances.unsqueeze(2) - distances.unsqueeze(1) + margin, min=0)
+    return torch.where(mined, hinge, torch.zeros_like(hinge)).sum() / count
+
+
+def _semi_hard_mask(distances: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Return the (B, B, B) bool mask of the semi-hard triplets [a, p, n] given the (B, B) distances."""
+    # gap[a, p, n] = d(a, n) - d(a, p)
+    gap = distances.unsqueeze(1) - distances.unsqueeze(2)
+    return valid_triplets(labels) & (gap > 0) & (gap <= margin)
 
 
 def informative_fraction(kind: str, embeddings: Tensor, labels: Tensor, margin: float) -> float:
@@ -116,10 +128,8 @@ def _terms(kind: str, embeddings: Tensor, labels: Tensor, margin: float) -> Tens
     if kind == "batch_all":
         return hinge[valid]
     if kind == "semi_hard":
-        gap = distances.unsqueeze(1) - distances.unsqueeze(2)
-        mined = (gap > 0) & (gap <= margin)
         # Only mined triplets carry the loss, so the others count as satisfied whatever their hinge.
-        return torch.where(mined, hinge, torch.zeros_like(hinge))[valid]
+        return torch.where(_semi_hard_mask(distances, labels, margin), hinge, torch.zeros_like(hinge))[valid]
     raise ValueError(f"Unknown kind {kind!r}: use one of {', '.join(KINDS)}.")
 
 

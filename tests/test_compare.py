@@ -250,9 +250,12 @@ def test_faster_wall_clock_only_not_listed(reference):
 def test_timing_metric_ratio(reference):
     current = copy.deepcopy(reference)
     value_of(current, "02_losses", "images_per_second")["value"] = 1100.0  # 2.7 times lower
-    assert compare.compare_runs(reference, current)["regressions"] == []
+    assert compare.compare_runs(reference, current)["changes"] == []
     value_of(current, "02_losses", "images_per_second")["value"] = 900.0  # 3.3 times lower
-    [finding] = compare.compare_runs(reference, current)["regressions"]
+    comparison = compare.compare_runs(reference, current)
+    # A short wall-clock measurement is listed, not failed: a busy machine moves it several-fold.
+    assert comparison["regressions"] == []
+    [finding] = comparison["changes"]
     assert (finding["kind"], finding["name"]) == ("timing-changed", "images_per_second")
     assert "3.3 times lower" in finding["reason"]
 

@@ -95,6 +95,21 @@ def test_semi_hard_loss_without_triplets_is_zero():
     assert torch.equal(embeddings.grad, torch.zeros_like(embeddings))
 
 
+def test_semi_hard_gradient_reproducible():
+    # A batch of 64 rows mines thousands of triplets over the same few rows, where a gather's backward pass would
+    # add their gradients in a thread-dependent order.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 7, (64,), generator=generator)
+    points = torch.randn(64, 16, generator=generator)
+    gradients = []
+    for _ in range(10):
+        embeddings = points.clone().requires_grad_(True)
+        semi_hard_triplet_loss(embeddings, labels, margin=1.0).backward()
+        gradients.append(embeddings.grad)
+    assert semi_hard_triplets(points, labels, 1.0)[0].numel() > 1000
+    assert all(torch.equal(gradients[0], gradient) for gradient in gradients[1:])
+
+
 def test_semi_hard_rejects_bad_margin():
     with pytest.raises(ValueError, match="margin"):
         semi_hard_triplets(torch.zeros(4, 2), torch.tensor([0, 0, 1, 1]), margin=0.0)
