@@ -48,6 +48,9 @@ def _add_bench_parser(subparsers: Any) -> None:
                         help="encoder to train (default: small, the one the lever notebooks train)")
     parser.add_argument("--pairs", type=int, default=2048, metavar="N", help="pairs per epoch (default: 2048)")
     parser.add_argument("--epochs", type=int, default=2, metavar="N", help="epochs per variant (default: 2)")
+    parser.add_argument("--job", choices=("augmented", "few-images"), default="augmented",
+                        help="augmented (the whole digits training split, randomly augmented) or few-images (the lever "
+                             "notebooks' 5 images per class, no augmentation); default: augmented")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to PATH as JSON")
     parser.set_defaults(handler=_bench_command)
 
@@ -61,7 +64,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         print(f"error: --pairs must be at least {bench.BATCH_SIZE} (one batch) and --epochs at least 1, got "
               f"--pairs {args.pairs} --epochs {args.epochs}.", file=sys.stderr)
         return EXIT_USAGE_ERROR
-    figures = bench.benchmark(args.pairs, args.epochs, args.capacity)
+    figures = bench.benchmark(args.pairs, args.epochs, args.capacity, args.job)
     print(bench.format_benchmark(figures))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

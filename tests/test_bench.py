@@ -12,7 +12,8 @@ def figures():
 
 
 def test_both_variants_train_the_same_job(figures):
-    assert [(figures[v]["capacity"], figures[v]["pairs_per_epoch"]) for v in ("naive", "fast")] == [("small", 128)] * 2
+    jobs = [(figures[v]["capacity"], figures[v]["pairs_per_epoch"], figures[v]["job"]) for v in ("naive", "fast")]
+    assert jobs == [("small", 128, "augmented")] * 2
 
 
 def test_speedup_is_ratio_of_throughputs(figures):
@@ -26,7 +27,8 @@ def test_fraction_of_peak_is_consistent(figures):
 
 def test_report_names_encoder_and_ratio(figures):
     report = bench.format_benchmark(figures)
-    assert "small encoder, 128 pairs per epoch" in report and "fast / naive:" in report
+    assert "small encoder, 128 pairs per epoch, job augmented" in report
+    assert "fast / naive:" in report
 
 
 def test_flops_grow_with_capacity():
@@ -36,3 +38,19 @@ def test_flops_grow_with_capacity():
 def test_cli_rejects_fewer_pairs_than_a_batch(capsys):
     assert main(["bench", "--pairs", "10"]) == 2
     assert "--pairs must be at least 128" in capsys.readouterr().err
+
+
+def test_naive_variant_encodes_every_image(figures):
+    assert figures["naive"]["encoder_images_per_second"] == pytest.approx(figures["naive"]["images_per_second"])
+
+
+def test_few_images_job_embeds_distinct_images():
+    result = bench.run_fast(pairs_per_epoch=256, epochs=1, job="few-images")
+    # 35 training images fill the 256 rows of a batch, so the encoder embeds at most 35 images per step.
+    assert result.job == "few-images"
+    assert result.encoder_images_per_second / result.images_per_second <= 35 / 256 + 1e-9
+
+
+def test_unknown_job_is_named():
+    with pytest.raises(ValueError, match="'tiny'.*augmented, few-images"):
+        bench.benchmark(pairs_per_epoch=128, epochs=1, job="tiny")

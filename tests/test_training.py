@@ -5,7 +5,9 @@ import torch
 
 from labutils.data import make_course_data
 from labutils.models import make_encoder
-from labutils.training import TrainConfig, fit, pick_device, seed_everything
+from labutils.experiments import limit_train_images
+from labutils.training import (TrainConfig, _draw_epoch, batch_loss, embeds_each_image_alone, fit, pick_device,
+                               seed_everything)
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +159,75 @@ def test_augmentation_leaves_evaluation_images_alone(course, monkeypatch):
     monkeypatch.setattr(training, "augment", lambda images, *args: seen.append(len(images)) or original(images, *args))
     small_fit(course, augment=1.0, epochs=1)
     assert seen and max(seen) <= 2 * 64
+
+
+@pytest.fixture(scope="module")
+def few_images(course):
+    # The lever notebooks' setting: 5 training images per class, so each image occurs many times in a batch.
+    return limit_train_images(course, per_class=5)
+
+
+def encoder_inputs(model):
+    """Record the number of images of every training-mode forward pass of `model`."""
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])) if module.training else None)
+    return sizes
+
+
+def test_fit_embeds_distinct_images_once(few_images):
+    torch.manual_seed(0)
+    model = make_encoder("small")
+    sizes = encoder_inputs(model)
+    config = TrainConfig(epochs=1, pairs_per_epoch=256, batch_size=128, eval_pairs=64)
+    fit(model, few_images, config, progress=False)
+    assert len(sizes) == 2
+    assert max(sizes) <= len(few_images.train) < 2 * 128
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "triplet"])
+def test_distinct_images_give_same_gradients(few_images, loss):
+    config = TrainConfig(loss=loss, batch_size=64)
+    generator = torch.Generator().manual_seed(0)
+    batch = _draw_epoch(few_images.train.labels, config, generator)
+    batch = tuple(indices[:64] for indices in batch)
+    images = few_images.train.images
+    results = []
+    for deduplicate in (True, False):
+        torch.manual_seed(0)
+        model = make_encoder("small")
+        sizes = encoder_inputs(model)
+        transform = None if deduplicate else (lambda x: x)  # any transform turns deduplication off
+        batch_loss(model, images, batch, config, transform=transform).backward()
+        results.append((max(sizes), [p.grad for p in model.parameters()]))
+    (distinct_size, distinct_grads), (full_size, full_grads) = results
+    assert distinct_size < full_size
+    for distinct, full in zip(distinct_grads, full_grads):
+        torch.testing.assert_close(distinct, full, rtol=1e-4, atol=1e-6)
+
+
+def test_distinct_image_training_repeats(few_images):
+    def run():
+        torch.manual_seed(0)
+        config = TrainConfig(epochs=2, pairs_per_epoch=256, batch_size=128, eval_pairs=64)
+        return fit(make_encoder("small"), few_images, config, progress=False)["train_loss"]
+
+    assert run() == run()
+
+
+class UnknownLayer(torch.nn.Module):
+    # A layer the check cannot see into: it might mix the images of a batch, as BatchNorm does.
+    def forward(self, x):
+        return x - x.mean(dim=0)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (make_encoder("small"), True),
+    (make_encoder("small", dropout=0.5), False),
+    (make_encoder("small", dropout=0.5).eval(), True),
+    (make_encoder("small", normalize=True), True),
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.BatchNorm1d(8)), False),
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.Tanh()), True),
+    (torch.nn.Sequential(torch.nn.Flatten(), UnknownLayer()), False),
+])
+def test_per_image_model_check(model, expected):
+    assert embeds_each_image_alone(model) is expected
