@@ -41,9 +41,12 @@ def _add_bench_parser(subparsers: Any) -> None:
         "bench", help="time the course's training path against a naive per-sample pipeline",
         description="Train the same encoder on the same pairs twice, each in its own process: once the naive way "
                     "(a Dataset of explicit pairs, per-sample torchvision transforms, a DataLoader) and once the "
-                    "way the course does it (resident tensors, batched augmentation, one forward pass). Print "
-                    "images per second, epoch time, peak memory, the speed-up, and the fast path's GFLOP/s as a "
-                    "fraction of a matrix-multiply peak measured in the same run. Run it on a quiet machine.")
+                    "way the course does it (resident tensors, batched augmentation, one forward pass, each "
+                    "distinct image embedded once when nothing random happens per image). Print the job's images "
+                    "per second, the images the encoder actually processed per second (encoded/s), epoch time, "
+                    "peak memory, the speed-up, and the fast path's GFLOP/s as a fraction of a matrix-multiply "
+                    "peak measured in the same run. Run it on a quiet machine: other jobs change the speed-up "
+                    "several-fold.")
     parser.add_argument("--capacity", choices=("small", "classic", "large"), default="small",
                         help="encoder to train (default: small, the one the lever notebooks train)")
     parser.add_argument("--pairs", type=int, default=2048, metavar="N", help="pairs per epoch (default: 2048)")
@@ -51,7 +54,7 @@ def _add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--job", choices=("augmented", "few-images"), default="augmented",
                         help="augmented (the whole digits training split, randomly augmented) or few-images (the lever "
                              "notebooks' 5 images per class, no augmentation); default: augmented")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to PATH as JSON")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the measured numbers to PATH as JSON")
     parser.set_defaults(handler=_bench_command)
 
 
