@@ -2,7 +2,8 @@
 
 Data stay resident as tensors on the device and batches are index tensors, so no DataLoader sits between the
 model and the data. An image that occurs several times in a batch is embedded once when the model allows it
-(`embeds_each_image_alone`). Both keep small-image training fast on a CPU.
+(`embeds_each_image_alone`) and that at least halves the encoder's work. Both keep small-image training fast
+on a CPU.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor
 
     With `loss_fn`, the embeddings of the batch's images and their class `labels` (indexed like `images`) go to
     it instead, laid out as `LossFn` describes. `transform`, when given, augments the batch's images first.
-    Without one, and when `embeds_each_image_alone(model)`, each distinct image is embedded once.
+    Without one, when `embeds_each_image_alone(model)` and at most half of the rows are distinct images, each
+    distinct image is embedded once.
     """
     device = images.device
     rows = torch.cat(batch[:2] if config.loss == "contrastive" else batch).to(device)
