@@ -121,12 +121,16 @@ def run_naive(pairs_per_epoch: int, epochs: int, capacity: str = "small", seed: 
 
 def _training_split(job: str, seed: int) -> Split:
     """Return the digits training split of `job`: whole, or limited to the lever notebooks' few images."""
-    if job not in JOBS:
-        raise ValueError(f"Unknown job {job!r}: use one of {', '.join(JOBS)}.")
+    _check_job(job)
     course = make_course_data("digits", seed=seed)
     if job == "few-images":
         course = limit_train_images(course, FEW_IMAGES_PER_CLASS, seed=seed)
     return course.train
+
+
+def _check_job(job: str) -> None:
+    if job not in JOBS:
+        raise ValueError(f"Unknown job {job!r}: use one of {', '.join(JOBS)}.")
 
 
 def _count_encoder_images(model: torch.nn.Module) -> list[int]:
@@ -215,8 +219,7 @@ def benchmark(pairs_per_epoch: int = 2048, epochs: int = 2, capacity: str = "sma
     The fast path's GFLOP/s counts only the encoder work it performed, so embedding fewer images raises its
     speed-up but not its share of the peak.
     """
-    if job not in JOBS:
-        raise ValueError(f"Unknown job {job!r}: use one of {', '.join(JOBS)}.")
+    _check_job(job)  # here too, so a typo fails before the naive variant's subprocess starts
     naive = run_variant_in_subprocess("naive", pairs_per_epoch, epochs, capacity, job)
     fast = run_variant_in_subprocess("fast", pairs_per_epoch, epochs, capacity, job)
     peak = matmul_peak_gflops()

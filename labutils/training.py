@@ -253,9 +253,9 @@ def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor
     return triplet_loss(*embeddings.chunk(3), margin=config.margin)
 
 
-# Layers whose output for one image does not depend on the other images of the batch. BatchNorm is not among
+# Modules whose output for one image does not depend on the other images of the batch. BatchNorm is not among
 # them: in training mode it normalises with the statistics of the whole batch, duplicates included.
-_PER_IMAGE_LAYERS = (nn.Sequential, nn.Conv2d, nn.Linear, nn.Flatten, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+_PER_IMAGE_LAYERS = (Encoder, nn.Sequential, nn.Conv2d, nn.Linear, nn.Flatten, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
                      nn.AdaptiveAvgPool2d, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid,
                      nn.LayerNorm, nn.GroupNorm)
 
@@ -271,7 +271,7 @@ def embeds_each_image_alone(model: nn.Module) -> bool:
         if isinstance(module, nn.Dropout):
             if module.p > 0 and module.training:
                 return False
-        elif not isinstance(module, (Encoder, *_PER_IMAGE_LAYERS)):
+        elif not isinstance(module, _PER_IMAGE_LAYERS):
             return False
     return True
 
