@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from labutils.allocator import reuse_freed_memory
 from labutils.data import DATASETS
 from labutils.profiles import Profile, get_profile
 from labutils.record import Recorder
@@ -40,7 +41,8 @@ CLAIMS_DATASET = "digits"
 
 def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
           results_dir: str | os.PathLike[str]) -> Lab:
-    """Check the parameters, seed everything, pick the device, open the recorder and print a summary.
+    """Check the parameters, seed everything, pick the device, keep freed memory for reuse, open the recorder and
+    print a summary.
 
     $LABUTILS_PROFILE and $LABUTILS_RESULTS_DIR, when set, override `profile` and `results_dir`, so that tools
     which cannot inject parameters (nbval) can still choose them.
@@ -51,6 +53,7 @@ def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"SEED must be a non-negative integer, got {seed!r}.")
     torch_device = pick_device(device)
+    reuse_freed_memory()  # up to twice as fast CPU training steps, same results: see labutils.allocator
     generator = seed_everything(seed)
     context = {"profile": chosen.name, "dataset": dataset, "device": str(torch_device), "seed": seed,
                "torch": torch.__version__, "threads": torch.get_num_threads()}

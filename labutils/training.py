@@ -120,13 +120,21 @@ def _resolve_device(name: str) -> tuple[torch.device, str]:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Build the optimizer named in `config`."""
+    """Build the optimizer named in `config`, with PyTorch's multi-tensor ("foreach") update.
+
+    On the CPU the default update goes through the weights one tensor at a time. The multi-tensor update gives
+    the same weights, bit for bit, and is faster: an Adam step on the classic encoder's 3.3 M weights took about
+    4 ms instead of 12 ms on a 2-core CPU. PyTorch's fused update took about 1 ms but rounds differently. That
+    flips a claim that sits on the edge of divergence (notebook 05's range test), so the course keeps the
+    default rounding.
+    """
+    settings: dict[str, float] = {"lr": config.lr, "weight_decay": config.weight_decay}
     params = model.parameters()
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, **settings, momentum=config.momentum, foreach=True)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, **settings, foreach=True)
+    return torch.optim.Adam(params, **settings, foreach=True)
 
 
 def fit(model: nn.Module, data: CourseData, config: TrainConfig, device: str | torch.device = "cpu",

@@ -6,8 +6,8 @@ import torch
 from labutils.data import make_course_data
 from labutils.models import make_encoder
 from labutils.experiments import limit_train_images
-from labutils.training import (TrainConfig, _draw_epoch, batch_loss, embeds_each_image_alone, fit, pick_device,
-                               seed_everything)
+from labutils.training import (TrainConfig, _draw_epoch, batch_loss, embeds_each_image_alone, fit, make_optimizer,
+                               pick_device, seed_everything)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,39 @@ def test_config_rejects(settings, message):
 def test_batch_larger_than_epoch(course):
     with pytest.raises(ValueError, match="batch_size=256 is larger than pairs_per_epoch=128"):
         small_fit(course, batch_size=256)
+
+
+@pytest.mark.parametrize("name, optimizer_class, settings", [
+    ("adam", torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}),
+    ("adamw", torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+    ("sgd", torch.optim.SGD, {"lr": 0.01, "weight_decay": 0.1, "momentum": 0.5}),
+])
+def test_optimizer_follows_config(name, optimizer_class, settings):
+    optimizer = make_optimizer(make_encoder("small"), TrainConfig(optimizer=name, lr=0.01, weight_decay=0.1,
+                                                                 momentum=0.5))
+    assert type(optimizer) is optimizer_class
+    assert {key: optimizer.defaults[key] for key in settings} == settings
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizer_matches_default_update(name):
+    models = [make_encoder("small") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    config = TrainConfig(optimizer=name, weight_decay=0.01)
+    course_optimizer = make_optimizer(models[0], config)
+    momentum = {"momentum": config.momentum} if name == "sgd" else {}
+    default_optimizer = type(course_optimizer)(models[1].parameters(), lr=config.lr,
+                                               weight_decay=config.weight_decay, foreach=False, **momentum)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for course_weight, default_weight in zip(*(model.parameters() for model in models)):
+            course_weight.grad = torch.randn(course_weight.shape, generator=generator)
+            default_weight.grad = course_weight.grad.clone()
+        course_optimizer.step()
+        default_optimizer.step()
+    assert course_optimizer.defaults["foreach"]
+    for course_weight, default_weight in zip(*(model.parameters() for model in models)):
+        assert torch.equal(course_weight, default_weight)
 
 
 def test_auto_device_without_accelerator(monkeypatch):
