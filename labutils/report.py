@@ -127,9 +127,10 @@ def _notebook_section(entry: dict[str, Any]) -> list[Block]:
         rows = tuple((m["name"], format_value(m["value"]), m["claim"]) for m in entry["metrics"])
         blocks += [Heading("Metrics", 3), Table(("Metric", "Value", "Claim"), rows)]
     if entry["claims"]:
-        rows = tuple((c["claim"] or c["name"], format_value(c["value"]), c["op"], format_value(c["threshold"]),
+        # The name comes first because several checks can share one sentence, such as both bounds of a range.
+        rows = tuple((c["name"], c["claim"], format_value(c["value"]), c["op"], format_value(c["threshold"]),
                       _holds_text(c)) for c in entry["claims"])
-        blocks += [Heading("Claims", 3), Table(("Claim", "Value", "Op", "Threshold", "Holds"), rows)]
+        blocks += [Heading("Claims", 3), Table(("Name", "Claim", "Value", "Op", "Threshold", "Holds"), rows)]
     if not entry["metrics"] and not entry["claims"]:
         blocks.append(Paragraph(("The notebook recorded no metrics and no claims.",)))
     if entry["figures"]:
