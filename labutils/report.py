@@ -125,7 +125,7 @@ def _notebook_section(entry: dict[str, Any]) -> list[Block]:
         blocks += [Paragraph(("Error:",)), Code(entry["error"])]
     if entry["metrics"]:
         rows = tuple((m["name"], format_value(m["value"]), m["claim"]) for m in entry["metrics"])
-        blocks += [Heading("Metrics", 3), Table(("Metric", "Value", "Claim"), rows)]
+        blocks += [Heading("Metrics", 3), Table(("Metric", "Value", "Description"), rows)]
     if entry["claims"]:
         # The name comes first because several checks can share one sentence, such as both bounds of a range.
         rows = tuple((c["name"], c["claim"], format_value(c["value"]), c["op"], format_value(c["threshold"]),

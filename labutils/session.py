@@ -11,7 +11,7 @@ import torch
 
 from labutils.allocator import reuse_freed_memory
 from labutils.data import DATASETS
-from labutils.profiles import Profile, get_profile
+from labutils.profiles import PROFILE_ENV_VAR, Profile, get_profile
 from labutils.record import Recorder
 from labutils.training import describe_device, pick_device, seed_everything
 
@@ -62,7 +62,8 @@ def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
     # is recorded without stopping the notebook.
     enforce_claims = chosen.claims and dataset == CLAIMS_DATASET
     recorder = Recorder(notebook, Path(results_dir), enforce_claims=enforce_claims, context=context)
-    print(f"Profile {chosen.name}, dataset {dataset}, seed {seed}")
+    overridden = f" (${PROFILE_ENV_VAR} overrides PROFILE = {profile!r})" if chosen.name != profile else ""
+    print(f"Profile {chosen.name}, dataset {dataset}, seed {seed}{overridden}")
     if chosen.claims and not enforce_claims:
         print(f"Claims were measured on {CLAIMS_DATASET}: on {dataset} they are recorded, and one that does not hold "
               "is printed without stopping the notebook.")

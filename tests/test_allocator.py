@@ -9,9 +9,13 @@ from labutils import allocator
 # Counts the new pages each training step of the small encoder touches, in a fresh process so that the
 # allocator setting stays out of the test session.
 STEP_PAGE_FAULTS = """
-import resource, sys, torch
+import resource
+
+import torch
+
 from labutils.allocator import reuse_freed_memory
 from labutils.models import make_encoder
+
 print(reuse_freed_memory())
 torch.manual_seed(0)
 model = make_encoder("small")
@@ -24,6 +28,7 @@ for _ in range(8):
     optimizer.step()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+
 ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 

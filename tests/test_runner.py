@@ -167,6 +167,7 @@ def test_run_error_keeps_recorded_metric(run: dict[str, Any]) -> None:
 def test_report_markdown_content(run: dict[str, Any]) -> None:
     text = (Path(run["out_dir"]) / "report.md").read_text()
     assert "| 01_claim | claim-failed |" in text
+    assert "| Metric | Value | Description |" in text
     assert "| x_above_half | x stays above one half. | 0.3 | >= | 0.5 | no |" in text
     assert "RuntimeError: simulated failure in the second cell" in text
     assert "![00_pass_line](<results/figures/00_pass_line.png>)" in text

@@ -34,12 +34,20 @@ def test_claims_enforced_on_digits_only(tmp_path, capsys):
     assert lab.recorder.data["claims"][-1]["holds"] is False
 
 
-def test_env_overrides_profile_and_results(tmp_path, monkeypatch):
+def test_env_overrides_profile_and_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(PROFILE_ENV_VAR, "smoke")
     monkeypatch.setenv(session.RESULTS_ENV_VAR, str(tmp_path / "elsewhere"))
     lab = session.start("00_demo", "full", "digits", "cpu", 0, tmp_path)
     assert lab.profile.name == "smoke"
     assert lab.recorder.path.parent == tmp_path / "elsewhere"
+    assert "Profile smoke, dataset digits, seed 0 ($LABUTILS_PROFILE overrides PROFILE = 'full')" in \
+        capsys.readouterr().out
+
+
+def test_env_naming_same_profile_not_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(PROFILE_ENV_VAR, "quick")
+    session.start("00_demo", "quick", "digits", "cpu", 0, tmp_path)
+    assert "overrides" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arguments, message", [
