@@ -139,8 +139,13 @@ def gradient_norm(parameters: Iterable[nn.Parameter]) -> float:
 
     Parameters without a gradient are skipped, and the result is 0.0 when none has one.
     """
+    return gradient_norm_tensor(parameters).item()
+
+
+def gradient_norm_tensor(parameters: Iterable[nn.Parameter]) -> Tensor:
+    """Compute `gradient_norm` as a 0-d tensor on the gradients' device, without waiting for the device."""
     norms = [torch.linalg.vector_norm(p.grad.detach()) for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def weight_norm(parameters: Iterable[Tensor]) -> float:

@@ -22,7 +22,7 @@ from torch import nn
 
 from labutils.augment import Augmentation, augment
 from labutils.data import CourseData, Split
-from labutils.diagnostics import ReluActivity, embedding_spread, gradient_norm, update_ratio, weight_norm
+from labutils.diagnostics import ReluActivity, embedding_spread, gradient_norm_tensor, update_ratio, weight_norm
 from labutils.history import History
 from labutils.losses import contrastive_loss, contrastive_terms, pairwise_distance, triplet_loss
 from labutils.metrics import accuracy_at_threshold, choose_threshold, roc_auc
@@ -212,26 +212,31 @@ def train_one_epoch(model: nn.Module, split: Split, images: torch.Tensor, config
     batches = _draw_epoch(split.labels, config, generator)
     parameters = [p for p in model.parameters() if p.requires_grad]
     num_steps = math.ceil(batches[0].numel() / config.batch_size)
-    total, count, grad_norms, ratio = 0.0, 0, [], math.nan
+    # Losses and gradient norms stay on the device until the epoch ends, so a GPU need not wait for the host.
+    losses: list[torch.Tensor] = []
+    sizes: list[int] = []
+    grad_norms: list[torch.Tensor] = []
+    ratio = math.nan
     transform = _augmenter(config, generator)
     for step, batch in enumerate(zip(*(b.split(config.batch_size) for b in batches)), start=1):
         loss = batch_loss(model, images, batch, config, loss_fn, split.labels, transform)
+        # The step's one wait for the device: a non-finite loss must stop training before it reaches the weights.
         if not torch.isfinite(loss):
-            return EpochResult(_mean(total, count), (
+            return EpochResult(_batch_mean(losses, sizes), (
                 f"Training stopped at epoch {epoch}, step {step}: the loss became {loss.item()}. The learning rate "
                 f"(lr={config.lr}) is probably too high for this setup; try a value 3 to 10 times smaller."),
-                _mean(sum(grad_norms), len(grad_norms)), ratio)
+                _tensor_mean(grad_norms), ratio)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norms.append(gradient_norm(parameters))
+        grad_norms.append(gradient_norm_tensor(parameters))
         # Copying the weights only before the epoch's last step keeps the cost to one copy per epoch.
         before = [p.detach().clone() for p in parameters] if step == num_steps else None
         optimizer.step()
         if before is not None:
             ratio = update_ratio(before, parameters)
-        total += loss.item() * batch[0].numel()
-        count += batch[0].numel()
-    return EpochResult(_mean(total, count), None, _mean(sum(grad_norms), len(grad_norms)), ratio)
+        losses.append(loss.detach())
+        sizes.append(batch[0].numel())
+    return EpochResult(_batch_mean(losses, sizes), None, _tensor_mean(grad_norms), ratio)
 
 
 def batch_loss(model: nn.Module, images: torch.Tensor, batch: tuple[torch.Tensor, ...], config: TrainConfig,
@@ -429,6 +434,18 @@ def _progress(iterable: range, enabled: bool) -> range:
 
 def _mean(total: float, count: int) -> float:
     return total / count if count else math.nan
+
+
+def _batch_mean(losses: list[torch.Tensor], sizes: list[int]) -> float:
+    """Return the mean loss per row of batches of `sizes` rows, adding in float64 on the host in batch order."""
+    total = 0.0
+    for loss, size in zip(losses, sizes):
+        total += loss.item() * size
+    return _mean(total, sum(sizes))
+
+
+def _tensor_mean(values: list[torch.Tensor]) -> float:
+    return _mean(sum(value.item() for value in values), len(values))
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -8,8 +8,8 @@ from torch import nn
 
 from labutils.diagnostics import (ReluActivity, accuracy_vs_auc, blank_fraction, collapse_loss, dead_units,
                                   duplicate_images, embedding_spread, generalization_gaps, gradient_norm,
-                                  loss_to_collapse_ratio, margin_floor, mode_mismatch, pair_distance_stats,
-                                  split_overlap, update_ratio, weight_norm)
+                                  gradient_norm_tensor, loss_to_collapse_ratio, margin_floor, mode_mismatch,
+                                  pair_distance_stats, split_overlap, update_ratio, weight_norm)
 from labutils.losses import contrastive_loss, triplet_loss
 
 
@@ -110,6 +110,15 @@ def test_gradient_norm_matches_clip_grad_norm():
 
 def test_gradient_norm_without_gradients():
     assert gradient_norm(nn.Linear(2, 2).parameters()) == 0.0
+
+
+def test_gradient_norm_tensor_stays_tensor():
+    model = nn.Linear(4, 3)
+    model(torch.ones(2, 4)).sum().backward()
+    norm = gradient_norm_tensor(model.parameters())
+    assert isinstance(norm, torch.Tensor)
+    assert norm.dim() == 0
+    assert norm.item() == gradient_norm(model.parameters())
 
 
 def test_weight_norm_by_hand():
