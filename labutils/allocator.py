@@ -18,7 +18,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # The largest mmap threshold that mallopt(3) documents for 64-bit systems. Larger blocks are still mapped one by one.
 MMAP_THRESHOLD = 32 * 1024 * 1024
-# Freed memory at the top of the heap goes back to the system only above this size (2 GiB), far above the course's.
+# Freed memory at the top of the heap goes back to the system only above this size (2 GiB), so in practice it stays.
 TRIM_THRESHOLD = 2**31 - 1
 
 

@@ -220,7 +220,7 @@ def train_one_epoch(model: nn.Module, split: Split, images: torch.Tensor, config
     transform = _augmenter(config, generator)
     for step, batch in enumerate(zip(*(b.split(config.batch_size) for b in batches)), start=1):
         loss = batch_loss(model, images, batch, config, loss_fn, split.labels, transform)
-        # The step's one wait for the device: a non-finite loss must stop training before it reaches the weights.
+        # The loop's one read-back per step: a non-finite loss must stop training before it reaches the weights.
         if not torch.isfinite(loss):
             return EpochResult(_batch_mean(losses, sizes), (
                 f"Training stopped at epoch {epoch}, step {step}: the loss became {loss.item()}. The learning rate "
