@@ -5,7 +5,7 @@ they are freed. A training step frees and reallocates its activations, gradients
 the next step maps them again and takes a page fault for every 4 KiB page it touches. On a 2-core CPU that was
 about half of a training step of the small encoder with augmentation, and a fifth of the classic encoder's.
 CPU tuning guides for deep learning (AMD's ZenDNN guide, for example) suggest swapping in TCMalloc or jemalloc
-for this reason; raising glibc's two thresholds needs no extra library.
+for this reason. Raising glibc's two thresholds has the same effect here and needs no extra library.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ TRIM_THRESHOLD = 2**31 - 1
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks of up to 32 MiB for reuse; return whether it agreed.
+    """Ask glibc's malloc to keep freed blocks of up to 32 MiB for reuse, and return whether both settings took.
 
     The process then keeps the memory of its largest step after the step ends instead of returning it, so its
-    resident size stays at its peak. Results do not change: only where tensors live does. On other C libraries
-    (macOS, Windows, musl) it does nothing and returns False.
+    resident size stays at its peak. Results do not change: only where tensors live does. On macOS and Windows
+    it does nothing and returns False.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -35,5 +35,6 @@ def reuse_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    # musl's mallopt is a stub that returns 0, so the return value also shows whether the thresholds took effect.
+    # mallopt returns 0 for a setting it rejects. NOTE: only glibc has been tried, so how other Linux C libraries
+    # treat these glibc parameter numbers is untested.
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

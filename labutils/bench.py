@@ -63,9 +63,11 @@ class BenchResult:
 
 def run_fast(pairs_per_epoch: int, epochs: int, capacity: str = "small", seed: int = 0,
              job: str = "augmented") -> BenchResult:
-    """Train the way the course does: freed memory kept for reuse as in `session.start`, then the path of
-    `training.fit`. That is resident tensors, vectorised pairs, batched augmentation, one pass, and the
-    optimizer of `training.make_optimizer`."""
+    """Train as the course does: keep freed memory for reuse as `session.start` does, then follow `training.fit`.
+
+    That means resident tensors, vectorised pairs, batched augmentation, one forward pass, and the optimizer
+    that `training.make_optimizer` builds.
+    """
     reuse_freed_memory()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -53,7 +53,8 @@ def start(notebook: str, profile: str, dataset: str, device: str, seed: int,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"SEED must be a non-negative integer, got {seed!r}.")
     torch_device = pick_device(device)
-    reuse_freed_memory()  # up to twice as fast CPU training steps, same results: see labutils.allocator
+    # Kept freed memory made CPU training steps up to twice as fast, with the same results (labutils.allocator).
+    reuse_freed_memory()
     generator = seed_everything(seed)
     context = {"profile": chosen.name, "dataset": dataset, "device": str(torch_device), "seed": seed,
                "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -44,7 +44,7 @@ def test_env_overrides_profile_and_results(tmp_path, monkeypatch, capsys):
         capsys.readouterr().out
 
 
-def test_env_naming_same_profile_not_reported(tmp_path, monkeypatch, capsys):
+def test_env_same_profile_not_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(PROFILE_ENV_VAR, "quick")
     session.start("00_demo", "quick", "digits", "cpu", 0, tmp_path)
     assert "overrides" not in capsys.readouterr().out
